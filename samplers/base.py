@@ -128,9 +128,13 @@ class Sampler(nn.Module):
                              f"got values in [{labels.min().item()}, {labels.max().item()}]")
         return labels.long()
 
-    def make_generator(self, generator: torch.Generator | None, seed: int | None) -> torch.Generator | None:
+    def make_generator(self, generator, seed):
+        """One generator from `seed`, or the given generator(s). A list of per-row generators (or of per-row
+        seeds) makes every image independent of the batch it is generated in."""
         if generator is not None and seed is not None:
             raise ValueError("give either generator or seed, not both")
+        if isinstance(seed, (list, tuple)):
+            return [self.make_generator(None, s) for s in seed]
         if seed is not None:
             generator = torch.Generator(device=self.device)
             generator.manual_seed(int(seed))
@@ -139,16 +143,23 @@ class Sampler(nn.Module):
     @torch.no_grad()
     def sample(self, labels=None, *, batch_size: int | None = None, cfg: float = 1.5, top_k: int = 0,
                top_p: float = 0.0, temperature: float | list[float] = 1.0, more_smooth: bool = False,
-               generator: torch.Generator | None = None, seed: int | None = None,
+               generator: torch.Generator | list[torch.Generator] | None = None,
+               seed: int | list[int] | None = None,
                decode: bool = True) -> SampleOutput:
         """Generate class-conditional images.
 
         labels: tensor of B class ids; an int for B copies (negative: null class, needs batch_size);
         None draws B labels uniformly with the generator. cfg: guidance strength, ramped over scales.
         top_k / top_p: 0 disables. temperature: a float or one value per scale, applied after filtering.
+        generator / seed: one for the batch, or one per row (then row b never depends on other rows).
         """
         check_sampling_args(cfg, top_k, top_p, temperature, self.var.config.vocab_size, self.num_scales)
         generator = self.make_generator(generator, seed)
+        if isinstance(generator, list):
+            if labels is None or isinstance(labels, int):
+                raise ValueError("per-row generators/seeds need an explicit label tensor")
+            if len(generator) != len(labels):
+                raise ValueError(f"{len(generator)} per-row generators/seeds for {len(labels)} labels")
         labels_B = self.resolve_labels(labels, batch_size, generator)
         stats = SamplerStats()
         on_cuda = self.device.type == "cuda"

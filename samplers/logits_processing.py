@@ -40,20 +40,36 @@ def apply_temperature(logits_BlV: torch.Tensor, temperature: float) -> torch.Ten
     return logits_BlV if temperature == 1.0 else logits_BlV / temperature
 
 
-def sample_from_logits(logits_BlV: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """One categorical draw per token: (B, l, V) -> (B, l). A single multinomial call per scale keeps the
-    random stream identical to the reference implementation for the same generator state."""
+Generators = torch.Generator | list[torch.Generator] | None
+
+
+def sample_from_logits(logits_BlV: torch.Tensor, generator: Generators) -> torch.Tensor:
+    """One categorical draw per token: (B, l, V) -> (B, l).
+
+    With one generator, a single multinomial call per scale keeps the random stream identical to the
+    reference implementation. With a list of B generators row b draws only from generator b, so an
+    image does not depend on which batch it was generated in.
+    """
     B, l, V = logits_BlV.shape
-    probs = logits_BlV.softmax(dim=-1).view(-1, V)
-    return torch.multinomial(probs, num_samples=1, replacement=True, generator=generator).view(B, l)
+    probs = logits_BlV.softmax(dim=-1)
+    if isinstance(generator, (list, tuple)):
+        return torch.stack([torch.multinomial(probs[b], 1, replacement=True, generator=g).view(l)
+                            for b, g in enumerate(generator)])
+    return torch.multinomial(probs.view(-1, V), num_samples=1, replacement=True, generator=generator).view(B, l)
+
+
+def _exponential_like(x: torch.Tensor, generator: Generators) -> torch.Tensor:
+    if isinstance(generator, (list, tuple)):
+        return torch.stack([torch.empty_like(x[b]).exponential_(generator=g) for b, g in enumerate(generator)])
+    return torch.empty_like(x).exponential_(generator=generator)
 
 
 def gumbel_soft_codes(logits_BlV: torch.Tensor, ratio: float, codebook_VC: torch.Tensor,
-                      generator: torch.Generator | None) -> torch.Tensor:
+                      generator: Generators) -> torch.Tensor:
     """"more smooth" visualisation path: a Gumbel-softmax mixture of codes instead of the one-hot lookup.
     Sharper at fine scales (tau shrinks with the scale ratio). Returns (B, l, Cvae)."""
     tau = max(0.27 * (1 - 0.95 * ratio), 0.005)
-    gumbels = -torch.empty_like(logits_BlV).exponential_(generator=generator).log()
+    gumbels = -_exponential_like(logits_BlV, generator).log()
     weights = ((logits_BlV * (1 + ratio) + gumbels) / tau).softmax(dim=-1)
     return weights @ codebook_VC.unsqueeze(0)
 
