@@ -74,6 +74,9 @@ class SampleOutput:
     labels: torch.Tensor  # (B,)
     f_hat: torch.Tensor  # (B, Cvae, h, w) accumulated latent
     stats: SamplerStats
+    # With sample(keep_logits=True): per scale, the raw (unguided) logits (2B, pn*pn, V) of the model that
+    # produced the scale, conditional rows first. For checking, never needed to sample.
+    raw_logits: list[torch.Tensor] | None = None
 
 
 def check_models_compatible(var: VAR, vae: VQVAE, what: str = "VAR") -> None:
@@ -93,11 +96,16 @@ def check_models_compatible(var: VAR, vae: VQVAE, what: str = "VAR") -> None:
 class Sampler(nn.Module):
     """Base class: subclasses implement `_generate(labels_B, generator, **args) -> (tokens, f_hat)`."""
     name: ClassVar[str] = ""
+    # Extra checkpoints sample.py must load and pass as keyword args (e.g. ("refiner",) for CoDe).
+    extra_models: ClassVar[tuple[str, ...]] = ()
+    # The sampler's own options and their types, parsed by sample.py from `--sampler-arg name=value`.
+    options: ClassVar[dict[str, type]] = {}
 
     def __init__(self, var: VAR, vae: VQVAE):
         super().__init__()
         check_models_compatible(var, vae)
         self.var, self.vae = var, vae
+        self._kept_logits: list[torch.Tensor] | None = None  # filled during sample(keep_logits=True)
 
     @property
     def device(self) -> torch.device:
@@ -145,13 +153,14 @@ class Sampler(nn.Module):
                top_p: float = 0.0, temperature: float | list[float] = 1.0, more_smooth: bool = False,
                generator: torch.Generator | list[torch.Generator] | None = None,
                seed: int | list[int] | None = None,
-               decode: bool = True) -> SampleOutput:
+               decode: bool = True, keep_logits: bool = False) -> SampleOutput:
         """Generate class-conditional images.
 
         labels: tensor of B class ids; an int for B copies (negative: null class, needs batch_size);
         None draws B labels uniformly with the generator. cfg: guidance strength, ramped over scales.
         top_k / top_p: 0 disables. temperature: a float or one value per scale, applied after filtering.
         generator / seed: one for the batch, or one per row (then row b never depends on other rows).
+        keep_logits: also return every scale's raw logits (memory: B x L x V floats).
         """
         check_sampling_args(cfg, top_k, top_p, temperature, self.var.config.vocab_size, self.num_scales)
         generator = self.make_generator(generator, seed)
@@ -162,6 +171,7 @@ class Sampler(nn.Module):
                 raise ValueError(f"{len(generator)} per-row generators/seeds for {len(labels)} labels")
         labels_B = self.resolve_labels(labels, batch_size, generator)
         stats = SamplerStats()
+        self._kept_logits = [] if keep_logits else None
         on_cuda = self.device.type == "cuda"
         if on_cuda:
             torch.cuda.synchronize(self.device)
@@ -174,7 +184,8 @@ class Sampler(nn.Module):
             torch.cuda.synchronize(self.device)
             stats.cuda_max_memory_allocated = torch.cuda.max_memory_allocated(self.device)
         stats.wall_time_s = time.perf_counter() - start
-        return SampleOutput(images, tokens, labels_B, f_hat, stats)
+        kept, self._kept_logits = self._kept_logits, None
+        return SampleOutput(images, tokens, labels_B, f_hat, stats, kept)
 
     # ---- per-scale helpers shared by all samplers --------------------------------------------------
     def conditions(self, labels_B: torch.Tensor) -> torch.Tensor:
@@ -185,6 +196,8 @@ class Sampler(nn.Module):
     def process_logits(self, logits_2BlV: torch.Tensor, si: int, cfg: float, top_k: int, top_p: float,
                        temperature) -> torch.Tensor:
         """The processed logits of scale si (B, l, V): guidance ramp, top-k, top-p, temperature."""
+        if self._kept_logits is not None:
+            self._kept_logits.append(logits_2BlV.detach().clone())
         guided = guide(logits_2BlV, cfg_strength(cfg, si, self.num_scales))
         return apply_temperature(top_k_top_p_filter_(guided, top_k, top_p), temperature_at(temperature, si))
 

@@ -49,7 +49,7 @@ class SelfAttention(nn.Module):
             self.scale = 1.0
             self.scale_mul_1H11 = nn.Parameter(torch.full((1, num_heads, 1, 1), 4.0).log())
             # float32 value of ln(100), as the released models were trained with
-            self.max_scale_mul = torch.log(torch.tensor(100.0)).item()
+            self.max_scale_mul = torch.tensor(100.0, device="cpu").log().item()
         else:
             self.scale = 0.25 / math.sqrt(self.head_dim)
         self.mat_qkv = nn.Linear(dim, 3 * dim, bias=False)

@@ -7,6 +7,7 @@ The model has no sampling loop. It exposes the pieces samplers compose:
 """
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import asdict
 
@@ -26,7 +27,7 @@ class VAR(nn.Module):
         self.num_classes, self.depth, self.embed_dim = c.num_classes, c.depth, C
         self.patch_nums = c.patch_nums
         self.first_l = c.patch_nums[0] ** 2
-        ends = torch.tensor([p * p for p in c.patch_nums]).cumsum(0).tolist()
+        ends = list(itertools.accumulate(p * p for p in c.patch_nums))
         self.begin_ends = [(e - p * p, e) for e, p in zip(ends, c.patch_nums)]
         L = ends[-1]
         init_std = self.init_std = math.sqrt(1 / C / 3) if c.init_std < 0 else c.init_std
@@ -37,7 +38,7 @@ class VAR(nn.Module):
         self.pos_1LC = nn.Parameter(torch.empty(1, L, C))
         self.lvl_embed = nn.Embedding(len(c.patch_nums), C)
         self.shared_ada_lin = nn.Sequential(nn.SiLU(inplace=False), SharedAdaLin(C, 6 * C)) if c.shared_aln else nn.Identity()
-        dpr = torch.linspace(0, c.drop_path_rate, c.depth).tolist()
+        dpr = torch.linspace(0, c.drop_path_rate, c.depth, device="cpu").tolist()
         self.blocks = nn.ModuleList(
             AdaLNBlock(C, C, c.num_heads, c.mlp_ratio, c.drop_rate, c.attn_drop_rate, dpr[i], c.norm_eps,
                        c.shared_aln, c.attn_l2_norm) for i in range(c.depth))

@@ -1,0 +1,121 @@
+"""Invariants of the model and the default sampler on random tiny configurations (no golden data needed)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import make_tiny_pair
+from samplers import build_sampler
+
+CONFIGS = [
+    dict(seed=0),
+    dict(seed=1, patch_nums=(1, 2, 4, 6, 8), shared_aln=True, num_heads=2),
+    dict(seed=2, patch_nums=(2, 3, 5), depth=3, vocab_size=48),  # first scale with 4 start tokens
+]
+
+
+@pytest.mark.parametrize("cfg_kwargs", CONFIGS)
+def test_kv_cache_sampling_equals_full_block_causal_forward(cfg_kwargs):
+    var, vae = make_tiny_pair(**cfg_kwargs)
+    labels = torch.tensor([0, 3, 1])
+    out = build_sampler("default", var=var, vae=vae).sample(labels, cfg=2.0, top_k=10, top_p=0.9, seed=5,
+                                                               keep_logits=True, decode=False)
+    null = torch.full_like(labels, var.num_classes)
+    with torch.no_grad():
+        x_tf = vae.teacher_forcing_input(out.tokens).repeat(2, 1, 1)
+        full = var(torch.cat((labels, null)), x_tf)  # (2B, L, V) in one masked forward
+    cached = torch.cat(out.raw_logits, dim=1)
+    torch.testing.assert_close(cached, full, atol=2e-5, rtol=1e-5)
+    assert out.stats.forwards == {"var": var.num_scales}
+    assert out.stats.tokens_processed == {"var": 2 * len(labels) * var.seq_len}
+
+
+def test_prefill_of_several_scales_equals_one_scale_at_a_time(tiny_pair):
+    var, vae = tiny_pair
+    labels = torch.tensor([1, 4])
+    tokens = build_sampler("default", var=var, vae=vae).sample(labels, cfg=0.0, seed=0, decode=False).tokens
+    cond = var.condition(labels)
+    x_all = var.embed(cond, vae.teacher_forcing_input(tokens), 0, var.num_scales)
+    with torch.no_grad():
+        step_cache, steps = var.new_cache(), []
+        for si, (b, e) in enumerate(var.begin_ends):
+            steps.append(var.run_blocks(x_all[:, b:e], cond, step_cache, scale_begin=si))
+        prefill_cache = var.new_cache()
+        split = var.begin_ends[2][0]
+        head = var.run_blocks(x_all[:, :split], cond, prefill_cache, scale_begin=0)  # scales 0..1 at once
+        tail = var.run_blocks(x_all[:, split:], cond, prefill_cache, scale_begin=2)  # scales 2.. at once
+    torch.testing.assert_close(torch.cat((head, tail), 1), torch.cat(steps, 1), atol=2e-5, rtol=1e-5)
+    for layer in range(var.depth):
+        torch.testing.assert_close(prefill_cache.keys[layer], step_cache.keys[layer], atol=2e-5, rtol=1e-5)
+    assert prefill_cache.seq_len == step_cache.seq_len == var.seq_len
+
+
+def test_cache_rollback_then_refeed_reproduces_the_logits(tiny_pair):
+    var, vae = tiny_pair
+    labels = torch.tensor([2])
+    tokens = build_sampler("default", var=var, vae=vae).sample(labels, cfg=0.0, seed=1, decode=False).tokens
+    cond = var.condition(labels)
+    x_all = var.embed(cond, vae.teacher_forcing_input(tokens), 0, var.num_scales)
+    b2, e2 = var.begin_ends[2]
+    with torch.no_grad():
+        cache = var.new_cache()
+        var.run_blocks(x_all[:, :b2], cond, cache, scale_begin=0)
+        first = var.run_blocks(x_all[:, b2:e2], cond, cache, scale_begin=2)
+        cache.truncate(b2)
+        assert cache.seq_len == b2 and all(cache.layer_len(i) == b2 for i in range(var.depth))
+        again = var.run_blocks(x_all[:, b2:e2], cond, cache, scale_begin=2)
+    assert torch.equal(first, again)
+
+
+def test_rows_do_not_depend_on_each_other():
+    var, vae = make_tiny_pair(seed=3)
+    sampler = build_sampler("default", var=var, vae=vae)
+    labels, seeds = torch.tensor([0, 2, 4, 1]), [10, 11, 12, 13]
+    batch = sampler.sample(labels, cfg=1.5, top_k=8, top_p=0.95, seed=seeds)
+    for b in (0, 2):
+        alone = sampler.sample(labels[b:b + 1], cfg=1.5, top_k=8, top_p=0.95, seed=[seeds[b]])
+        for si in range(var.num_scales):
+            assert torch.equal(alone.tokens[si][0], batch.tokens[si][b])
+        torch.testing.assert_close(alone.images[0], batch.images[b], atol=1e-5, rtol=1e-5)
+    # the greedy path needs no per-row seeds at all
+    greedy = sampler.sample(labels, cfg=1.5, top_k=1, seed=0, decode=False)
+    greedy_one = sampler.sample(labels[1:2], cfg=1.5, top_k=1, seed=0, decode=False)
+    assert all(torch.equal(g[1], o[0]) for g, o in zip(greedy.tokens, greedy_one.tokens))
+
+
+@pytest.mark.parametrize("more_smooth", [False, True])
+def test_fixed_seed_gives_identical_output_twice(tiny_pair, more_smooth):
+    var, vae = tiny_pair
+    sampler = build_sampler("default", var=var, vae=vae)
+    kwargs = dict(batch_size=3, cfg=1.5, top_k=10, top_p=0.9, more_smooth=more_smooth, seed=42)
+    a, b = sampler.sample(None, **kwargs), sampler.sample(None, **kwargs)
+    assert torch.equal(a.labels, b.labels)
+    assert all(torch.equal(x, y) for x, y in zip(a.tokens, b.tokens))
+    assert torch.equal(a.images, b.images)
+    c = sampler.sample(None, **{**kwargs, "seed": 43})
+    assert not all(torch.equal(x, y) for x, y in zip(a.tokens, c.tokens)), "the seed must matter"
+
+
+def test_stats_are_real_counters(tiny_pair):
+    var, vae = tiny_pair
+    out = build_sampler("default", var=var, vae=vae).sample(torch.tensor([0, 1]), cfg=1.0, seed=0)
+    C, B = var.embed_dim, 2
+    ends = [e for _, e in var.begin_ends]
+    # keys + values of every layer for 2B rows (CFG doubles the batch), float32
+    assert out.stats.kv_bytes_per_scale == [2 * var.depth * 2 * B * e * C * 4 for e in ends]
+    assert out.stats.kv_bytes_peak == out.stats.kv_bytes_per_scale[-1]
+    assert out.stats.wall_time_s > 0
+    assert out.images.shape == (B, 3, vae.config.image_size, vae.config.image_size)
+    assert 0.0 <= out.images.min() and out.images.max() <= 1.0
+
+
+def test_top_k_keeps_ties_and_top_p_keeps_argmax():
+    from samplers.logits_processing import top_k_top_p_filter_
+    logits = torch.tensor([[[3.0, 1.0, 3.0, 2.0, 3.0]]])
+    kept = torch.isfinite(top_k_top_p_filter_(logits.clone(), top_k=2))
+    assert kept.tolist() == [[[True, False, True, False, True]]]  # three-way tie at the threshold survives
+    peaked = torch.tensor([[[10.0, 0.0, 0.0]]])
+    assert torch.isfinite(top_k_top_p_filter_(peaked.clone(), top_p=1e-6)).tolist() == [[[True, False, False]]]
+    flat = torch.zeros(1, 1, 4)
+    probs = top_k_top_p_filter_(flat.clone(), top_p=0.5).softmax(-1)
+    assert (probs > 0).sum() == 2 and torch.isclose(probs.sum(), torch.tensor(1.0))  # mass 0.5 <= 1 - top_p goes

@@ -1,0 +1,67 @@
+"""Every registered size builds the exact key/shape/dtype set and parameter count of the official checkpoints
+(shared/reference/var_schema.json). Built on the meta device, so the 2B-parameter shapes cost no memory."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tokenizers import VQVAE
+from tokenizers.config import official_vqvae_config
+from var import VAR, var_config
+from var.config import PATCH_NUMS_512, VAR_CONFIGS
+
+SCHEMA_CANDIDATES = [Path(__file__).resolve().parents[2] / "shared" / "reference" / "var_schema.json",
+                     Path(__file__).resolve().parents[1] / "shared" / "reference" / "var_schema.json"]
+
+
+@pytest.fixture(scope="module")
+def schema() -> dict:
+    for path in SCHEMA_CANDIDATES:
+        if path.is_file():
+            return json.loads(path.read_text())
+    raise FileNotFoundError(f"var_schema.json not found in {SCHEMA_CANDIDATES}")
+
+
+def _assert_same_state_dict(model: torch.nn.Module, ref: dict) -> None:
+    ours = model.state_dict()
+    assert list(ours) == list(ref), (f"missing {[k for k in ref if k not in ours][:5]}, "
+                                     f"unexpected {[k for k in ours if k not in ref][:5]}")
+    for key, spec in ref.items():
+        assert list(ours[key].shape) == spec["shape"], key
+        assert str(ours[key].dtype) == f"torch.{spec['dtype']}", key
+
+
+def test_registry_covers_every_official_size(schema):
+    assert {f"var_{d}" for d in schema["var"]} <= set(VAR_CONFIGS)
+
+
+@pytest.mark.parametrize("depth", ["d12", "d16", "d20", "d24", "d30", "d36"])
+def test_var_sizes_match_the_official_schema(schema, depth):
+    with torch.device("meta"):
+        model = VAR(var_config(f"var_{depth}"), init=False)
+    _assert_same_state_dict(model, schema["var"][depth]["state_dict"])
+    n_params = sum(p.numel() for p in model.parameters())
+    assert n_params == schema["parameter_counts"][f"var_{depth}"] == int(schema["var"][depth]["num_parameters"])
+    assert model.seq_len == int(schema["var"][depth]["L"])
+
+
+def test_official_vqvae_matches_the_schema_at_256_and_512(schema):
+    for patch_nums in ((1, 2, 3, 4, 5, 6, 8, 10, 13, 16), PATCH_NUMS_512):
+        with torch.device("meta"):
+            vae = VQVAE(official_vqvae_config(patch_nums))
+        _assert_same_state_dict(vae, schema["vae"]["state_dict"])
+        assert sum(p.numel() for p in vae.parameters()) == schema["parameter_counts"]["vae_ch160v4096z32"]
+        breakdown = {name: sum(p.numel() for p in getattr(vae, name).parameters())
+                     for name in ("encoder", "decoder", "quantize", "quant_conv", "post_quant_conv")}
+        expected = schema["vae"]["parameter_breakdown"]
+        assert breakdown == {k: expected[k] for k in breakdown}
+
+
+def test_official_phi_schedule_is_the_reference_one():
+    vae_cfg = official_vqvae_config()
+    with torch.device("meta"):
+        vae = VQVAE(vae_cfg)
+    assert vae.quantize.quant_resi.index == [0, 0, 1, 1, 1, 2, 2, 3, 3, 3]
