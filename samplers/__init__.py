@@ -1,7 +1,7 @@
 """Samplers: the default VAR sampler and accelerators behind one `sample(...)` interface, by name."""
 from samplers.base import (SampleOutput, Sampler, SamplerStats, available_samplers, build_sampler,
-                           check_models_compatible, register_sampler)
+                           check_models_compatible, register_sampler, sampler_class)
 from samplers.default import DefaultSampler
 
 __all__ = ["Sampler", "SampleOutput", "SamplerStats", "DefaultSampler", "available_samplers", "build_sampler",
-           "register_sampler", "check_models_compatible"]
+           "register_sampler", "check_models_compatible", "sampler_class"]

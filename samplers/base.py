@@ -37,10 +37,14 @@ def available_samplers() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def build_sampler(name: str, **kwargs) -> "Sampler":
+def sampler_class(name: str) -> type["Sampler"]:
     if name not in _REGISTRY:
         raise KeyError(f"unknown sampler {name!r}; available: {', '.join(available_samplers())}")
-    return _REGISTRY[name](**kwargs)
+    return _REGISTRY[name]
+
+
+def build_sampler(name: str, **kwargs) -> "Sampler":
+    return sampler_class(name)(**kwargs)
 
 
 @dataclass

@@ -1,0 +1,289 @@
+"""Generate class-conditional samples with any registered sampler; FID-ready, resumable, distributed.
+
+  python sample.py                                   # shipped Fashion-MNIST models, 4 per class, grid + npz
+  python sample.py --classes 0,3 --per-class 8 --cfg 2 --top-k 100 --out samples/demo
+  python sample.py --vae vae_ch160v4096z32.pth --var var_d16.pth --all-classes --per-class 50 \
+      --cfg 1.5 --top-k 900 --top-p 0.96 --out samples/d16_50k          # the official FID protocol
+  python sample.py --sampler code --model refiner=checkpoints/fmnist/var_refiner.safetensors \
+      --sampler-arg draft_scales=3
+  accelerate launch --num_processes 8 sample.py ...  # any number of processes; the same images come out
+
+Image i (global index; labels run class-major) is drawn with its own generator seeded from
+(--seed, i), so it is identical whatever the batch size or the number of processes. Existing PNGs are
+skipped, so an interrupted run resumes where it stopped; files are written atomically.
+Output: DIR/images/{i:06d}.png, DIR/samples.npz (ADM format: arr_0 uint8 NHWC, plus labels), DIR/grid.png,
+DIR/sample_config.json (every setting + software versions) and DIR/stats.jsonl (sampler counters per batch).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from samplers import available_samplers, build_sampler, sampler_class
+from var.checkpoint import load_any, read_metadata
+
+REPO = Path(__file__).resolve().parent
+SHIPPED = REPO / "checkpoints" / "fmnist"
+SEED_STRIDE = 2**32  # seeds of different base seeds never collide for fewer than 2**32 images
+
+
+def image_seed(base_seed: int, index: int) -> int:
+    return base_seed * SEED_STRIDE + index
+
+
+# ---- arguments ------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    m = p.add_argument_group("models")
+    m.add_argument("--vae", default=str(SHIPPED / "tokenizer.safetensors"),
+                   help="tokenizer: ours (.safetensors) or the official vae_ch160v4096z32.pth")
+    m.add_argument("--var", default=str(SHIPPED / "var_drafter.safetensors"),
+                   help="VAR transformer: ours (.safetensors) or an official var_d*.pth")
+    m.add_argument("--model", action="append", default=[], metavar="NAME=PATH",
+                   help="extra model a sampler needs (e.g. refiner=...); see --list-samplers")
+    s = p.add_argument_group("sampler")
+    s.add_argument("--sampler", default="default", help="registered sampler name")
+    s.add_argument("--sampler-arg", action="append", default=[], metavar="NAME=VALUE",
+                   help="sampler option, repeatable (typed by the sampler's `options`)")
+    s.add_argument("--list-samplers", action="store_true", help="print samplers with their options and exit")
+    s.add_argument("--cfg", type=float, default=1.5, help="guidance strength, ramped linearly over scales")
+    s.add_argument("--top-k", type=int, default=0, help="0 disables")
+    s.add_argument("--top-p", type=float, default=0.0, help="0 disables")
+    s.add_argument("--temperature", type=str, default="1.0",
+                   help="one value, or comma-separated values, one per scale")
+    s.add_argument("--more-smooth", action="store_true", help="Gumbel-softmax code mixing (visualisation only)")
+    w = p.add_argument_group("what to generate")
+    w.add_argument("--classes", type=str, default=None, help="comma-separated class ids (default: all classes)")
+    w.add_argument("--all-classes", action="store_true", help="every class (the default when --classes is absent)")
+    w.add_argument("--per-class", type=int, default=4, help="images per class")
+    w.add_argument("--seed", type=int, default=0, help="base seed; image i uses seed*2**32 + i")
+    w.add_argument("--batch-size", type=int, default=16, help="images per forward (per process)")
+    w.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                   help="auto: bf16 autocast on CUDA, fp32 on CPU")
+    o = p.add_argument_group("output")
+    o.add_argument("--out", default="samples/demo", help="output folder (reused to resume)")
+    o.add_argument("--no-npz", action="store_true", help="skip the ADM-format samples.npz")
+    o.add_argument("--grid-max", type=int, default=100, help="at most this many images in grid.png (0: none)")
+    return p
+
+
+def parse_sampler_args(cls, items: list[str]) -> dict:
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"--sampler-arg expects NAME=VALUE, got {item!r}")
+        name, raw = item.split("=", 1)
+        if name not in cls.options:
+            raise ValueError(f"sampler {cls.name!r} has no option {name!r}; its options: "
+                             f"{', '.join(f'{k} ({t.__name__})' for k, t in cls.options.items()) or 'none'}")
+        kind = cls.options[name]
+        if kind is bool:
+            if raw.lower() not in ("true", "false", "1", "0"):
+                raise ValueError(f"--sampler-arg {name} expects true/false, got {raw!r}")
+            out[name] = raw.lower() in ("true", "1")
+        else:
+            try:
+                out[name] = kind(raw)
+            except ValueError as err:
+                raise ValueError(f"--sampler-arg {name} expects a {kind.__name__}, got {raw!r}") from err
+    return out
+
+
+def parse_temperature(text: str, num_scales: int):
+    values = [float(v) for v in text.split(",")]
+    if len(values) == 1:
+        return values[0]
+    if len(values) != num_scales:
+        raise ValueError(f"--temperature needs 1 or {num_scales} (one per scale) values, got {len(values)}")
+    return values
+
+
+def _check_file(path: str, what: str) -> None:
+    if not Path(path).is_file():
+        hint = (" The shipped Fashion-MNIST models live in checkpoints/fmnist/ (see README, 'Training')."
+                if str(path).startswith(str(SHIPPED)) else "")
+        raise FileNotFoundError(f"{what} checkpoint {path} does not exist.{hint}")
+
+
+def load_models(args, device: torch.device):
+    """VAR first: an official tokenizer file is resolution-agnostic and takes the VAR's scale list."""
+    _check_file(args.var, "VAR")
+    _check_file(args.vae, "tokenizer")
+    var = load_any(args.var, "var", device=device)
+    vae = load_any(args.vae, "vqvae", device=device, patch_nums=var.patch_nums)
+    extras = {}
+    for item in args.model:
+        if "=" not in item:
+            raise ValueError(f"--model expects NAME=PATH, got {item!r}")
+        name, path = item.split("=", 1)
+        _check_file(path, name)
+        extras[name] = load_any(path, "var", device=device)
+    return var, vae, extras
+
+
+def class_names(path: str) -> list[str]:
+    try:
+        return read_metadata(path)["extra"].get("classes", [])
+    except Exception:  # official .pth files carry no label map
+        return []
+
+
+# ---- output files ----------------------------------------------------------------------------------------
+def atomic_write(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def to_uint8(images_B3HW: torch.Tensor) -> np.ndarray:
+    """[0, 1] floats -> uint8 NHWC with round-to-nearest (as ADM's and torchvision's writers)."""
+    return images_B3HW.mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def save_png(path: Path, array_HWC: np.ndarray) -> None:
+    atomic_write(path, lambda tmp: Image.fromarray(array_HWC).save(tmp, format="PNG"))
+
+
+def read_pngs(folder: Path, count: int) -> np.ndarray:
+    arrays = []
+    for i in range(count):
+        path = folder / f"{i:06d}.png"
+        try:
+            with Image.open(path) as im:
+                arrays.append(np.asarray(im.convert("RGB")))
+        except (OSError, ValueError) as err:
+            raise RuntimeError(f"sample {path} is unreadable ({err}); delete it and rerun to regenerate it") from err
+    return np.stack(arrays)
+
+
+def make_grid(arrays_NHWC: np.ndarray, nrow: int) -> np.ndarray:
+    n, h, w, c = arrays_NHWC.shape
+    rows = math.ceil(n / nrow)
+    grid = np.full((rows * (h + 2) + 2, nrow * (w + 2) + 2, c), 255, dtype=np.uint8)
+    for i, a in enumerate(arrays_NHWC):
+        r, col = divmod(i, nrow)
+        grid[2 + r * (h + 2): 2 + r * (h + 2) + h, 2 + col * (w + 2): 2 + col * (w + 2) + w] = a
+    return grid
+
+
+def software_versions() -> dict:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                                timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    import accelerate
+    return {"git_commit": commit, "torch": torch.__version__, "accelerate": accelerate.__version__,
+            "numpy": np.__version__}
+
+
+# ---- the run ---------------------------------------------------------------------------------------------
+def plan(args, num_classes: int) -> list[int]:
+    """Label of every global image index (class-major)."""
+    if args.classes:
+        classes = [int(c) for c in args.classes.split(",")]
+        bad = [c for c in classes if not 0 <= c < num_classes]
+        if bad:
+            raise ValueError(f"--classes {bad} outside [0, {num_classes - 1}] for this model")
+    else:
+        classes = list(range(num_classes))
+    if args.per_class < 1 or args.batch_size < 1:
+        raise ValueError("--per-class and --batch-size must be >= 1")
+    return [c for c in classes for _ in range(args.per_class)]
+
+
+def run(args) -> Path:
+    from accelerate import Accelerator
+    from tqdm import tqdm
+
+    sampler_cls = sampler_class(args.sampler)
+    sampler_args = parse_sampler_args(sampler_cls, args.sampler_arg)
+    acc = Accelerator(cpu=not torch.cuda.is_available())
+    var, vae, extras = load_models(args, acc.device)
+    missing = [n for n in sampler_cls.extra_models if n not in extras]
+    if missing:
+        raise ValueError(f"sampler {args.sampler!r} needs --model {'=PATH --model '.join(missing)}=PATH")
+    sampler = build_sampler(args.sampler, var=var, vae=vae, **extras, **sampler_args)
+    temperature = parse_temperature(args.temperature, var.num_scales)
+    labels = plan(args, var.num_classes)
+    out = Path(args.out)
+    img_dir = out / "images"
+    img_dir.mkdir(parents=True, exist_ok=True)
+    todo = [i for i in range(acc.process_index, len(labels), acc.num_processes)
+            if not (img_dir / f"{i:06d}.png").is_file()]
+    bf16 = acc.device.type == "cuda" and args.precision in ("auto", "bf16")
+    settings = {k: v for k, v in vars(args).items() if k != "list_samplers"}
+    record = {"settings": settings, "sampler_args": sampler_args, "num_images": len(labels),
+              "num_processes": acc.num_processes, "device": str(acc.device), "autocast_bf16": bf16,
+              "class_names": class_names(args.var), "software": software_versions()}
+    bar = tqdm(total=len(todo), desc=f"sampling [{acc.process_index}]", disable=not acc.is_local_main_process)
+    stats_path = out / (f"stats.rank{acc.process_index}.jsonl" if acc.num_processes > 1 else "stats.jsonl")
+    for start in range(0, len(todo), args.batch_size):
+        idx = todo[start:start + args.batch_size]
+        with torch.autocast(device_type=acc.device.type, dtype=torch.bfloat16, enabled=bf16):
+            result = sampler.sample(torch.tensor([labels[i] for i in idx]), cfg=args.cfg, top_k=args.top_k,
+                                    top_p=args.top_p, temperature=temperature, more_smooth=args.more_smooth,
+                                    seed=[image_seed(args.seed, i) for i in idx])
+        for i, array in zip(idx, to_uint8(result.images)):
+            save_png(img_dir / f"{i:06d}.png", array)
+        with stats_path.open("a") as fh:
+            fh.write(json.dumps({"indices": [idx[0], idx[-1]], "batch": len(idx), **result.stats.as_dict()}) + "\n")
+        bar.update(len(idx))
+    bar.close()
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        finish(out, labels, record, args)
+    acc.wait_for_everyone()
+    return out
+
+
+def finish(out: Path, labels: list[int], record: dict, args) -> None:
+    arrays = read_pngs(out / "images", len(labels))
+    if not args.no_npz:
+        def write_npz(tmp: str) -> None:
+            with open(tmp, "wb") as fh:  # a file object: np.savez would append ".npz" to a path
+                np.savez(fh, arr_0=arrays, labels=np.asarray(labels, dtype=np.int64))
+        atomic_write(out / "samples.npz", write_npz)
+    if args.grid_max > 0:
+        shown = arrays[: args.grid_max]
+        per_row = args.per_class if args.per_class <= 16 and len(shown) > args.per_class else min(len(shown), 10)
+        atomic_write(out / "grid.png", lambda tmp: Image.fromarray(make_grid(shown, per_row)).save(tmp, format="PNG"))
+    atomic_write(out / "sample_config.json", lambda tmp: Path(tmp).write_text(json.dumps(record, indent=2)))
+    print(f"wrote {len(labels)} images to {out}")
+
+
+def list_samplers() -> str:
+    lines = []
+    for name in available_samplers():
+        cls = sampler_class(name)
+        opts = ", ".join(f"{k}: {t.__name__}" for k, t in cls.options.items()) or "no options"
+        extra = f"; needs --model {', '.join(n + '=PATH' for n in cls.extra_models)}" if cls.extra_models else ""
+        lines.append(f"{name:12s} {opts}{extra}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
+    if args.list_samplers:
+        print(list_samplers())
+        return
+    torch.set_grad_enabled(False)
+    run(args)
+
+
+if __name__ == "__main__":
+    main()

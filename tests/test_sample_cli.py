@@ -1,0 +1,99 @@
+"""sample.py: images independent of batch size and process count, resumable, ADM npz, clear errors."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import sample
+from conftest import make_tiny_pair
+from var.checkpoint import save_model
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ckpt")
+    var, vae = make_tiny_pair(seed=7)
+    save_model(root / "var.safetensors", var, extra={"classes": [f"c{i}" for i in range(var.num_classes)]})
+    save_model(root / "vae.safetensors", vae)
+    return root
+
+
+def _args(ckpts: Path, out: Path, *extra: str) -> list[str]:
+    return ["--vae", str(ckpts / "vae.safetensors"), "--var", str(ckpts / "var.safetensors"), "--classes", "0,2,4",
+            "--per-class", "3", "--top-k", "10", "--cfg", "1.5", "--seed", "3", "--out", str(out), *extra]
+
+
+def _pngs(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted((out / "images").glob("*.png"))}
+
+
+def test_batch_size_does_not_change_images_and_outputs_are_complete(ckpts, tmp_path):
+    sample.main(_args(ckpts, tmp_path / "b1", "--batch-size", "1"))
+    sample.main(_args(ckpts, tmp_path / "b7", "--batch-size", "7"))
+    a, b = _pngs(tmp_path / "b1"), _pngs(tmp_path / "b7")
+    assert list(a) == [f"{i:06d}.png" for i in range(9)] and a == b
+    npz = np.load(tmp_path / "b7" / "samples.npz")
+    assert npz["arr_0"].dtype == np.uint8 and npz["arr_0"].shape == (9, 8, 8, 3)
+    assert npz["labels"].tolist() == [0, 0, 0, 2, 2, 2, 4, 4, 4]
+    record = json.loads((tmp_path / "b7" / "sample_config.json").read_text())
+    assert record["settings"]["cfg"] == 1.5 and record["num_images"] == 9 and record["software"]["torch"]
+    assert (tmp_path / "b7" / "grid.png").is_file()
+    stats = [json.loads(line) for line in (tmp_path / "b7" / "stats.jsonl").read_text().splitlines()]
+    assert [s["batch"] for s in stats] == [7, 2] and all(s["forwards"]["var"] == 4 for s in stats)
+    assert len({v for v in npz["arr_0"].reshape(9, -1).sum(1)}) > 1, "different seeds give different images"
+
+
+def test_interrupted_run_resumes_without_duplicates_or_gaps(ckpts, tmp_path):
+    full = tmp_path / "full"
+    sample.main(_args(ckpts, full, "--batch-size", "4"))
+    part = tmp_path / "part"
+    sample.main(_args(ckpts, part, "--batch-size", "4"))
+    for name in ("000002.png", "000005.png", "000008.png"):
+        (part / "images" / name).unlink()  # as if the run had stopped before writing them
+    (part / "samples.npz").unlink()
+    before = {p: os.stat(p).st_mtime_ns for p in (part / "images").glob("*.png")}
+    sample.main(_args(ckpts, part, "--batch-size", "4"))
+    assert _pngs(part) == _pngs(full)
+    assert all(os.stat(p).st_mtime_ns == t for p, t in before.items()), "existing images must not be redone"
+    assert np.array_equal(np.load(part / "samples.npz")["arr_0"], np.load(full / "samples.npz")["arr_0"])
+
+
+def test_two_processes_through_accelerate_give_the_same_images(ckpts, tmp_path):
+    sample.main(_args(ckpts, tmp_path / "one", "--batch-size", "2"))
+    # accelerate's own launcher runs --cpu jobs as one process; torchrun starts the CPU processes and the
+    # Accelerator inside sample.py joins them into one gloo group (MULTI_CPU).
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+           str(REPO / "sample.py"), *_args(ckpts, tmp_path / "two", "--batch-size", "2")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _pngs(tmp_path / "two") == _pngs(tmp_path / "one")
+    assert sorted(p.name for p in (tmp_path / "two").glob("stats.rank*.jsonl")) == ["stats.rank0.jsonl", "stats.rank1.jsonl"]
+
+
+def test_bad_arguments(ckpts, tmp_path):
+    with pytest.raises(FileNotFoundError, match="VAR checkpoint .* does not exist"):
+        sample.main(["--var", str(tmp_path / "missing.safetensors"), "--vae", str(ckpts / "vae.safetensors")])
+    with pytest.raises(ValueError, match=r"outside \[0, 4\]"):
+        sample.main(_args(ckpts, tmp_path / "x", "--classes", "0,9"))  # the last --classes wins
+    with pytest.raises(KeyError, match="unknown sampler"):
+        sample.main(_args(ckpts, tmp_path / "x", "--sampler", "nope"))
+    with pytest.raises(ValueError, match="has no option 'window'"):
+        sample.main(_args(ckpts, tmp_path / "x", "--sampler-arg", "window=3"))
+    with pytest.raises(ValueError, match="1 or 4"):
+        sample.main(_args(ckpts, tmp_path / "x", "--temperature", "1,1"))
+    with pytest.raises(ValueError, match="cfg must be"):
+        sample.main(_args(ckpts, tmp_path / "x", "--cfg", "-1"))
+
+
+def test_list_samplers(capsys):
+    sample.main(["--list-samplers"])
+    assert "default" in capsys.readouterr().out
