@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--batch-size", type=int, default=16, help="images per forward (per process)")
     w.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                    help="auto: bf16 autocast on CUDA, fp32 on CPU")
+    e = p.add_argument_group("zero-shot editing (uses the 'edit' sampler)")
+    e.add_argument("--edit-image", default=None, help="image to edit (PNG/JPEG at the tokenizer's resolution)")
+    e.add_argument("--edit-mask", default=None, help="mask image of the same size: white = regenerate, black = keep")
     o = p.add_argument_group("output")
     o.add_argument("--out", default="samples/demo", help="output folder (reused to resume)")
     o.add_argument("--no-npz", action="store_true", help="skip the ADM-format samples.npz")
@@ -128,6 +131,24 @@ def load_models(args, device: torch.device):
         _check_file(path, name)
         extras[name] = load_any(path, "var", device=device)
     return var, vae, extras
+
+
+def load_edit_inputs(args, side: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(1, 3, H, W) image in [0, 1] and (1, 1, H, W) mask in [0, 1] from --edit-image/--edit-mask."""
+    if not (args.edit_image and args.edit_mask):
+        raise ValueError("editing needs both --edit-image and --edit-mask")
+    tensors = []
+    for path, mode in ((args.edit_image, "RGB"), (args.edit_mask, "L")):
+        try:
+            with Image.open(path) as im:
+                array = np.asarray(im.convert(mode), dtype=np.float32) / 255.0
+        except (OSError, ValueError) as err:
+            raise ValueError(f"cannot read {path} ({err}); give a PNG or JPEG file") from err
+        if array.shape[:2] != (side, side):
+            raise ValueError(f"{path} is {array.shape[1]}x{array.shape[0]}, the tokenizer needs {side}x{side}; resize it first")
+        t = torch.from_numpy(array)
+        tensors.append((t.permute(2, 0, 1) if t.ndim == 3 else t[None])[None].to(device))
+    return tensors[0], tensors[1]
 
 
 def class_names(path: str) -> list[str]:
@@ -210,6 +231,8 @@ def run(args) -> Path:
     from accelerate import Accelerator
     from tqdm import tqdm
 
+    if args.edit_image or args.edit_mask:
+        args.sampler = "edit"
     sampler_cls = sampler_class(args.sampler)
     sampler_args = parse_sampler_args(sampler_cls, args.sampler_arg)
     acc = Accelerator(cpu=not torch.cuda.is_available())
@@ -219,6 +242,7 @@ def run(args) -> Path:
         raise ValueError(f"sampler {args.sampler!r} needs --model {'=PATH --model '.join(missing)}=PATH")
     sampler = build_sampler(args.sampler, var=var, vae=vae, **extras, **sampler_args)
     temperature = parse_temperature(args.temperature, var.num_scales)
+    edit_inputs = load_edit_inputs(args, vae.config.image_size, acc.device) if args.sampler == "edit" else None
     labels = plan(args, var.num_classes)
     out = Path(args.out)
     img_dir = out / "images"
@@ -234,10 +258,14 @@ def run(args) -> Path:
     stats_path = out / (f"stats.rank{acc.process_index}.jsonl" if acc.num_processes > 1 else "stats.jsonl")
     for start in range(0, len(todo), args.batch_size):
         idx = todo[start:start + args.batch_size]
+        kwargs = dict(cfg=args.cfg, top_k=args.top_k, top_p=args.top_p, temperature=temperature,
+                      more_smooth=args.more_smooth, seed=[image_seed(args.seed, i) for i in idx])
+        batch_labels = torch.tensor([labels[i] for i in idx])
         with torch.autocast(device_type=acc.device.type, dtype=torch.bfloat16, enabled=bf16):
-            result = sampler.sample(torch.tensor([labels[i] for i in idx]), cfg=args.cfg, top_k=args.top_k,
-                                    top_p=args.top_p, temperature=temperature, more_smooth=args.more_smooth,
-                                    seed=[image_seed(args.seed, i) for i in idx])
+            if edit_inputs is not None:
+                result = sampler.edit(*edit_inputs, batch_labels.to(acc.device), **kwargs)
+            else:
+                result = sampler.sample(batch_labels, **kwargs)
         for i, array in zip(idx, to_uint8(result.images)):
             save_png(img_dir / f"{i:06d}.png", array)
         with stats_path.open("a") as fh:

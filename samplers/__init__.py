@@ -2,6 +2,7 @@
 from samplers.base import (SampleOutput, Sampler, SamplerStats, available_samplers, build_sampler,
                            check_models_compatible, register_sampler, sampler_class)
 from samplers.default import DefaultSampler
+from samplers.editing import EditingSampler
 
-__all__ = ["Sampler", "SampleOutput", "SamplerStats", "DefaultSampler", "available_samplers", "build_sampler",
+__all__ = ["Sampler", "SampleOutput", "SamplerStats", "DefaultSampler", "EditingSampler", "available_samplers", "build_sampler",
            "register_sampler", "check_models_compatible", "sampler_class"]

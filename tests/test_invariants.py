@@ -119,3 +119,21 @@ def test_top_k_keeps_ties_and_top_p_keeps_argmax():
     flat = torch.zeros(1, 1, 4)
     probs = top_k_top_p_filter_(flat.clone(), top_p=0.5).softmax(-1)
     assert (probs > 0).sum() == 2 and torch.isclose(probs.sum(), torch.tensor(1.0))  # mass 0.5 <= 1 - top_p goes
+
+
+def test_quantizer_training_forward_straight_through_and_counters(tiny_pair):
+    _, vae = tiny_pair
+    q = vae.quantize.train()
+    f = torch.randn(3, vae.z_channels, 4, 4, requires_grad=True)
+    out = q(f)
+    idx, fhats = q.encode(f.detach(), return_fhat_per_scale=True)
+    torch.testing.assert_close(out.f_hat_st, fhats[-1], atol=1e-6, rtol=1e-6)  # forward value is f_hat
+    out.f_hat_st.sum().backward(retain_graph=True)
+    assert torch.equal(f.grad, torch.ones_like(f)), "straight-through: the decoder gradient reaches f unchanged"
+    assert out.hits_per_scale.sum(1).tolist() == [3 * p * p for p in q.patch_nums]
+    assert all(torch.equal(a, b) for a, b in zip(out.idx_per_scale, idx))
+    # vq loss = (1 + beta)/SN * sum_k mse(f_hat_k, f) in value (spec 2.5)
+    expected = (1 + q.beta) / len(fhats) * sum(torch.mean((fh - f.detach()) ** 2) for fh in fhats)
+    torch.testing.assert_close(out.vq_loss, expected, atol=1e-6, rtol=1e-5)
+    assert q.ema_vocab_hit_SV.sum(1).gt(0).all(), "training updates the usage statistics"
+    q.eval()
