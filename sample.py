@@ -29,10 +29,10 @@ import torch
 from PIL import Image
 
 from samplers import available_samplers, build_sampler, sampler_class
-from var.checkpoint import load_any, read_metadata
+from samplers.cli import SHIPPED, load_models, parse_sampler_args
+from var.checkpoint import read_metadata
 
 REPO = Path(__file__).resolve().parent
-SHIPPED = REPO / "checkpoints" / "fmnist"
 SEED_STRIDE = 2**32  # seeds of different base seeds never collide for fewer than 2**32 images
 
 
@@ -79,28 +79,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_sampler_args(cls, items: list[str]) -> dict:
-    out = {}
-    for item in items:
-        if "=" not in item:
-            raise ValueError(f"--sampler-arg expects NAME=VALUE, got {item!r}")
-        name, raw = item.split("=", 1)
-        if name not in cls.options:
-            raise ValueError(f"sampler {cls.name!r} has no option {name!r}; its options: "
-                             f"{', '.join(f'{k} ({t.__name__})' for k, t in cls.options.items()) or 'none'}")
-        kind = cls.options[name]
-        if kind is bool:
-            if raw.lower() not in ("true", "false", "1", "0"):
-                raise ValueError(f"--sampler-arg {name} expects true/false, got {raw!r}")
-            out[name] = raw.lower() in ("true", "1")
-        else:
-            try:
-                out[name] = kind(raw)
-            except ValueError as err:
-                raise ValueError(f"--sampler-arg {name} expects a {kind.__name__}, got {raw!r}") from err
-    return out
-
-
 def parse_temperature(text: str, num_scales: int):
     values = [float(v) for v in text.split(",")]
     if len(values) == 1:
@@ -108,29 +86,6 @@ def parse_temperature(text: str, num_scales: int):
     if len(values) != num_scales:
         raise ValueError(f"--temperature needs 1 or {num_scales} (one per scale) values, got {len(values)}")
     return values
-
-
-def _check_file(path: str, what: str) -> None:
-    if not Path(path).is_file():
-        hint = (" The shipped Fashion-MNIST models live in checkpoints/fmnist/ (see README, 'Training')."
-                if str(path).startswith(str(SHIPPED)) else "")
-        raise FileNotFoundError(f"{what} checkpoint {path} does not exist.{hint}")
-
-
-def load_models(args, device: torch.device):
-    """VAR first: an official tokenizer file is resolution-agnostic and takes the VAR's scale list."""
-    _check_file(args.var, "VAR")
-    _check_file(args.vae, "tokenizer")
-    var = load_any(args.var, "var", device=device)
-    vae = load_any(args.vae, "vqvae", device=device, patch_nums=var.patch_nums)
-    extras = {}
-    for item in args.model:
-        if "=" not in item:
-            raise ValueError(f"--model expects NAME=PATH, got {item!r}")
-        name, path = item.split("=", 1)
-        _check_file(path, name)
-        extras[name] = load_any(path, "var", device=device)
-    return var, vae, extras
 
 
 def load_edit_inputs(args, side: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -236,7 +191,7 @@ def run(args) -> Path:
     sampler_cls = sampler_class(args.sampler)
     sampler_args = parse_sampler_args(sampler_cls, args.sampler_arg)
     acc = Accelerator(cpu=not torch.cuda.is_available())
-    var, vae, extras = load_models(args, acc.device)
+    var, vae, extras = load_models(args.var, args.vae, args.model, acc.device)
     missing = [n for n in sampler_cls.extra_models if n not in extras]
     if missing:
         raise ValueError(f"sampler {args.sampler!r} needs --model {'=PATH --model '.join(missing)}=PATH")
