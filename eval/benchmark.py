@@ -1,0 +1,272 @@
+"""One benchmark protocol for every sampler: the same model(s), seeds, batch sizes and measurements.
+
+  python -m eval.benchmark --samplers default,code:draft_scales=3 --batch-sizes 1,16 \
+      --model refiner=checkpoints/fmnist/var_refiner.safetensors --out eval/results/benchmark_fmnist
+  python -m eval.benchmark --official-shape var_d16 --batch-sizes 1 --repeats 2 --out eval/results/benchmark_d16
+  python -m eval.benchmark --markdown eval/results/benchmark_fmnist.json   # print the README table
+
+Per sampler and batch size: wall time per image (after warm-up; median and inter-quartile range over
+repeats), throughput, model forwards and tokens processed (the sampler's own counters), peak KV bytes,
+peak memory (CUDA max_memory_allocated; on CPU the process RSS after the run), and quality against the
+default sampler on the same seeds (PSNR of the images, token agreement). Every speed figure is a ratio
+against the default sampler measured in this run. The default sampler's achieved FLOP/s (counted by
+torch's FlopCounterMode) is reported as a fraction of a matmul peak measured on the same machine now.
+Writes NAME.json, NAME.md and NAME.png.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from eval.plotting import bar_chart
+from samplers import build_sampler, sampler_class
+from samplers.cli import SHIPPED, load_models, parse_sampler_args, parse_sampler_spec
+
+
+# ---- measurements ------------------------------------------------------------------------------------------
+def process_rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:  # not Linux: peak RSS from getrusage (kB on Linux/BSD, bytes on macOS)
+        import resource
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def matmul_peak_flops(device: torch.device, dtype: torch.dtype, size: int = 2048, repeats: int = 10) -> float:
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    (a @ b).sum().item()  # warm-up
+    best = float("inf")
+    for _ in range(3):
+        sync(device)
+        start = time.perf_counter()
+        for _ in range(repeats):
+            c = a @ b
+        sync(device)
+        best = min(best, time.perf_counter() - start)
+        del c
+    return 2 * size**3 * repeats / best
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    mse = (a.float() - b.float()).square().mean().item()
+    return float("inf") if mse == 0 else 10 * torch.log10(torch.tensor(1.0 / mse)).item()
+
+
+def count_flops(sampler, labels, kwargs) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as counter:
+        sampler.sample(labels, decode=False, **kwargs)
+    return counter.get_total_flops()
+
+
+def time_sampler(sampler, labels, kwargs, warmup: int, repeats: int, device: torch.device):
+    for _ in range(warmup):
+        sampler.sample(labels, **kwargs)
+    times, out = [], None
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        out = sampler.sample(labels, **kwargs)
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return times, out
+
+
+def summarise(times: list[float], batch: int) -> dict:
+    q = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
+    median = statistics.median(times)
+    return {"median_s": median, "iqr_s": q[2] - q[0], "per_image_s": median / batch, "images_per_s": batch / median,
+            "repeats": len(times)}
+
+
+def split_specs(text: str) -> list[str]:
+    """Samplers are separated by ';' (commas then separate each one's options) or, without options, by ','."""
+    return [s.strip() for s in text.split(";" if ":" in text else ",") if s.strip()]
+
+
+# ---- the protocol -------------------------------------------------------------------------------------------
+def build_models(args, device):
+    if args.official_shape:
+        from tokenizers import VQVAE
+        from tokenizers.config import official_vqvae_config
+        from var import VAR, var_config
+        torch.manual_seed(0)
+        var = VAR(var_config(args.official_shape)).to(device).eval()
+        vae = VQVAE(official_vqvae_config(var.patch_nums)).to(device).eval()
+        extras = {}
+        for item in args.model:  # e.g. refiner=var_d16: another randomly initialised official shape
+            name, size = item.split("=", 1)
+            extras[name] = VAR(var_config(size)).to(device).eval()
+        return var, vae, extras
+    return load_models(args.var, args.vae, args.model, device)
+
+
+def run(args) -> dict:
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.set_grad_enabled(False)
+    var, vae, extras = build_models(args, device)
+    specs = ["default"] + [s for s in split_specs(args.samplers) if s != "default"]
+    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    sample_kwargs = dict(cfg=args.cfg, top_k=args.top_k, top_p=args.top_p)
+    autocast = device.type == "cuda"
+    results = {"meta": {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": str(device),
+                        "machine": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+                        "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+                        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+                        "models": {"var": args.official_shape or args.var, "vae": None if args.official_shape else args.vae,
+                                   **{k: v for k, v in (m.split("=", 1) for m in args.model)}},
+                        "sampling": sample_kwargs, "warmup": args.warmup, "repeats": args.repeats,
+                        "seed": args.seed, "autocast_bf16": autocast},
+               "rows": []}
+    peak_dtype = torch.bfloat16 if autocast else torch.float32
+    results["meta"]["matmul_peak_flops"] = matmul_peak_flops(device, peak_dtype, args.peak_matmul_size)
+    for batch in batch_sizes:
+        labels = torch.arange(batch, device=device) % var.num_classes
+        seeds = [args.seed * 2**32 + i for i in range(batch)]
+        baseline = None
+        for spec in tqdm(specs, desc=f"batch {batch}"):
+            name, items = parse_sampler_spec(spec)
+            cls = sampler_class(name)
+            options = parse_sampler_args(cls, items)
+            sampler = build_sampler(name, var=var, vae=vae, **{k: extras[k] for k in cls.extra_models}, **options)
+            kwargs = dict(sample_kwargs, seed=seeds, decode=not args.no_decode)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+                times, out = time_sampler(sampler, labels, kwargs, args.warmup, args.repeats, device)
+            row = {"sampler": spec, "batch": batch, **summarise(times, batch),
+                   "forwards": out.stats.forwards, "tokens_processed": out.stats.tokens_processed,
+                   "kv_bytes_peak": out.stats.kv_bytes_peak, "extra": _jsonable(out.stats.extra),
+                   "peak_memory_bytes": (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
+                                         else process_rss_bytes()),
+                   "peak_memory_kind": "cuda_max_memory_allocated" if device.type == "cuda" else "process_rss"}
+            if baseline is None:
+                baseline = (row, out)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+                    flops = count_flops(sampler, labels, dict(sample_kwargs, seed=seeds))
+                row["flops"] = flops
+                row["achieved_flops_per_s"] = flops / row["median_s"]
+                row["fraction_of_matmul_peak"] = row["achieved_flops_per_s"] / results["meta"]["matmul_peak_flops"]
+            base_row, base_out = baseline
+            row["speedup_vs_default"] = base_row["median_s"] / row["median_s"]
+            row["kv_bytes_ratio_vs_default"] = row["kv_bytes_peak"] / max(1, base_row["kv_bytes_peak"])
+            row["token_agreement_vs_default"] = float(torch.cat([(a == b).float().flatten() for a, b in
+                                                                 zip(out.tokens, base_out.tokens)]).mean())
+            if out.images is not None:
+                row["psnr_vs_default_db"] = psnr(out.images, base_out.images)
+            results["rows"].append(row)
+    if args.reference_checkout:
+        from eval.reference_loop import time_reference_loop
+        results["reference"] = time_reference_loop(args.reference_checkout, var, vae, batch_sizes, sample_kwargs,
+                                                   args.warmup, args.repeats, device, results["rows"])
+    return results
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, torch.Tensor):
+        return obj.tolist()
+    return obj if isinstance(obj, (int, float, str, bool, type(None))) else str(obj)
+
+
+# ---- reports ----------------------------------------------------------------------------------------------------
+def markdown_table(results: dict) -> str:
+    m = results["meta"]
+    lines = [f"Measured {m['date']} on {m['device']} ({m['gpu'] or m['machine']}, {m['cpu_count']} cores, "
+             f"{m['torch_threads']} torch threads), model {m['models']['var']}, cfg {m['sampling']['cfg']}, "
+             f"top-k {m['sampling']['top_k']}, top-p {m['sampling']['top_p']}, median of {m['repeats']} runs.",
+             "", "| sampler | batch | ms / image | speed-up | forwards | KV bytes (ratio) | PSNR vs default | "
+                 "token agreement |", "|---|---|---|---|---|---|---|---|"]
+    for r in results["rows"]:
+        forwards = ", ".join(f"{k} {v}" for k, v in r["forwards"].items())
+        psnr_text = "—" if "psnr_vs_default_db" not in r else (
+            "identical" if r["psnr_vs_default_db"] == float("inf") else f"{r['psnr_vs_default_db']:.1f} dB")
+        lines.append(f"| `{r['sampler']}` | {r['batch']} | {1000 * r['per_image_s']:.1f} ± {1000 * r['iqr_s'] / r['batch']:.1f} | "
+                     f"{r['speedup_vs_default']:.2f}x | {forwards} | {r['kv_bytes_peak'] / 2**20:.2f} MiB "
+                     f"({r['kv_bytes_ratio_vs_default']:.2f}) | {psnr_text} | {r['token_agreement_vs_default']:.3f} |")
+    default_rows = [r for r in results["rows"] if "fraction_of_matmul_peak" in r]
+    if default_rows:
+        lines += ["", "Default sampler efficiency: " + "; ".join(
+            f"batch {r['batch']}: {r['achieved_flops_per_s'] / 1e9:.1f} GFLOP/s = "
+            f"{100 * r['fraction_of_matmul_peak']:.1f}% of the measured matmul peak "
+            f"({m['matmul_peak_flops'] / 1e9:.0f} GFLOP/s)" for r in default_rows)]
+    if "reference" in results:
+        lines += ["", "Public reference loop: " + "; ".join(
+            f"batch {r['batch']}: ours {r['speedup_vs_reference']:.2f}x its speed" for r in results["reference"])]
+    return "\n".join(lines) + "\n"
+
+
+def write_outputs(results: dict, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for suffix, text in ((".json", json.dumps(results, indent=2)), (".md", markdown_table(results))):
+        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, out.with_suffix(suffix))
+    groups = {f"batch {b}": {r["sampler"]: r["speedup_vs_default"] for r in results["rows"] if r["batch"] == b}
+              for b in sorted({r["batch"] for r in results["rows"]})}
+    bar_chart(out.with_suffix(".png"), groups, "speed-up vs default sampler (same run)", "x", reference_line=1.0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--vae", default=str(SHIPPED / "tokenizer.safetensors"))
+    p.add_argument("--var", default=str(SHIPPED / "var_drafter.safetensors"))
+    p.add_argument("--model", action="append", default=[], metavar="NAME=PATH",
+                   help="extra model for samplers that need one (with --official-shape: NAME=var_d16 etc.)")
+    p.add_argument("--official-shape", default=None, help="benchmark a randomly initialised registry size instead")
+    p.add_argument("--samplers", default="default",
+                   help="comma-separated sampler names; with options use ';' between samplers: "
+                        "'default;code:draft_scales=3,refiner_top_k=0'")
+    p.add_argument("--batch-sizes", default="1,16")
+    p.add_argument("--cfg", type=float, default=1.5)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--peak-matmul-size", type=int, default=2048, help="side of the square matmuls timing the peak")
+    p.add_argument("--no-decode", action="store_true",
+                   help="time token generation only (no PSNR column; not comparable with the reference loop)")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--reference-checkout", default=None,
+                   help="path to a checkout of the public VAR repository: also time its sampling loop")
+    p.add_argument("--out", default="eval/results/benchmark", help="output path without extension")
+    p.add_argument("--markdown", default=None, metavar="JSON", help="only print the Markdown table of a result file")
+    return p
+
+
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
+    if args.markdown:
+        print(markdown_table(json.loads(Path(args.markdown).read_text())))
+        return
+    if args.repeats < 1 or args.warmup < 0:
+        raise ValueError("--repeats must be >= 1 and --warmup >= 0")
+    results = run(args)
+    write_outputs(results, Path(args.out))
+    print(markdown_table(results))
+
+
+if __name__ == "__main__":
+    main()
