@@ -75,6 +75,13 @@ def build_parser() -> argparse.ArgumentParser:
     o = p.add_argument_group("output")
     o.add_argument("--out", default="samples/demo", help="output folder (reused to resume)")
     o.add_argument("--no-npz", action="store_true", help="skip the ADM-format samples.npz")
+    v = p.add_argument_group("evaluation card (sample + evaluate in one command)")
+    v.add_argument("--eval-card", action="store_true",
+                   help="after sampling, evaluate samples.npz and write DIR/eval_card.{json,md}")
+    v.add_argument("--proxy-classifier", default=None,
+                   help="proxy classifier for the card (e.g. eval/weights/fmnist_classifier.safetensors)")
+    v.add_argument("--inception", default=None, help="local pt_inception-2015-12-05 weights for FID/sFID/IS/P/R/KID")
+    v.add_argument("--ref", default=None, help="reference statistics or ADM reference batch (.npz) for FID")
     o.add_argument("--grid-max", type=int, default=100, help="at most this many images in grid.png (0: none)")
     return p
 
@@ -239,14 +246,33 @@ def finish(out: Path, labels: list[int], record: dict, args) -> None:
     if not args.no_npz:
         def write_npz(tmp: str) -> None:
             with open(tmp, "wb") as fh:  # a file object: np.savez would append ".npz" to a path
-                np.savez(fh, arr_0=arrays, labels=np.asarray(labels, dtype=np.int64))
+                np.savez(fh, arr_0=arrays, arr_1=np.asarray(labels, dtype=np.int64))  # ADM: arr_1 = labels
         atomic_write(out / "samples.npz", write_npz)
     if args.grid_max > 0:
         shown = arrays[: args.grid_max]
         per_row = args.per_class if args.per_class <= 16 and len(shown) > args.per_class else min(len(shown), 10)
         atomic_write(out / "grid.png", lambda tmp: Image.fromarray(make_grid(shown, per_row)).save(tmp, format="PNG"))
+    stats = [json.loads(line) for f in sorted(out.glob("stats*.jsonl")) for line in f.read_text().splitlines()]
+    record["sampling_wall_time_s"] = sum(s["wall_time_s"] for s in stats)  # of this and earlier (resumed) runs
     atomic_write(out / "sample_config.json", lambda tmp: Path(tmp).write_text(json.dumps(record, indent=2)))
     print(f"wrote {len(labels)} images to {out}")
+    if args.eval_card:
+        write_eval_card(out, record, args)
+
+
+def write_eval_card(out: Path, record: dict, args) -> None:
+    from eval.card import write_card
+    from eval.fid import build_parser as eval_parser, run as evaluate
+
+    if args.no_npz or not (args.proxy_classifier or args.inception):
+        raise ValueError("--eval-card needs samples.npz (drop --no-npz) and --proxy-classifier and/or --inception")
+    eval_args = ["--samples", str(out / "samples.npz"), "--out", str(out / "metrics.json")]
+    for flag, value in (("--proxy-classifier", args.proxy_classifier), ("--inception", args.inception),
+                        ("--ref", args.ref)):
+        if value:
+            eval_args += [flag, value]
+    json_path, md_path = write_card(record, evaluate(eval_parser().parse_args(eval_args)), out / "eval_card")
+    print(f"wrote {json_path} and {md_path}")
 
 
 def list_samplers() -> str:

@@ -42,7 +42,7 @@ def test_batch_size_does_not_change_images_and_outputs_are_complete(ckpts, tmp_p
     assert list(a) == [f"{i:06d}.png" for i in range(9)] and a == b
     npz = np.load(tmp_path / "b7" / "samples.npz")
     assert npz["arr_0"].dtype == np.uint8 and npz["arr_0"].shape == (9, 8, 8, 3)
-    assert npz["labels"].tolist() == [0, 0, 0, 2, 2, 2, 4, 4, 4]
+    assert npz["arr_1"].tolist() == [0, 0, 0, 2, 2, 2, 4, 4, 4]  # ADM convention: arr_1 = labels
     record = json.loads((tmp_path / "b7" / "sample_config.json").read_text())
     assert record["settings"]["cfg"] == 1.5 and record["num_images"] == 9 and record["software"]["torch"]
     assert (tmp_path / "b7" / "grid.png").is_file()
@@ -97,3 +97,20 @@ def test_bad_arguments(ckpts, tmp_path):
 def test_list_samplers(capsys):
     sample.main(["--list-samplers"])
     assert "default" in capsys.readouterr().out
+
+
+def test_sample_and_evaluate_in_one_command(ckpts, tmp_path):
+    from pathlib import Path
+    data = Path("/usr/share/datasets/fashion-mnist")
+    if not (data / "t10k-images-idx3-ubyte.gz").exists():
+        pytest.skip("the proxy's real test set needs `apt-get install dataset-fashion-mnist` (.ci/run installs it)")
+    out = tmp_path / "card"
+    sample.main(_args(ckpts, out, "--eval-card", "--proxy-classifier",
+                      str(REPO / "eval" / "weights" / "fmnist_classifier.safetensors")))
+    card = json.loads((out / "eval_card.json").read_text())
+    metrics = card["evaluation"]["proxy"]["metrics"]
+    assert card["num_samples"] == 9 and card["sampling"]["settings"]["cfg"] == 1.5
+    assert 0.0 <= metrics["proxy_accuracy"] <= 1.0 and metrics["proxy_fd"] > 0
+    assert "proxy FD" in (out / "eval_card.md").read_text()
+    with pytest.raises(ValueError, match="--eval-card needs"):
+        sample.main(_args(ckpts, tmp_path / "nocard", "--eval-card"))

@@ -1,0 +1,107 @@
+"""Eval card: one JSON + Markdown record of a set of generated samples and its metrics.
+
+    python -m eval.card --samples samples/d16_cfg1.5/ --sample-record samples/d16_cfg1.5/record.json \
+        --proxy-classifier eval/weights/fmnist_classifier.safetensors [--inception PATH --ref REF.npz] \
+        --card samples/d16_cfg1.5/eval_card
+
+Takes every option of `python -m eval.fid` plus the sampling record (the JSON sample.py writes next to its
+output: model, sampler and all settings, seeds, timings). Runs the evaluation (or reuses --metrics, a JSON
+written by eval.fid) and writes <card>.json and <card>.md. `write_card(record, report, path)` is the same
+step for code that has just sampled.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+from eval.fid import build_parser, run
+from eval.proxy import write_json_atomic
+
+METRIC_LABELS = {
+    "fid": "FID", "sfid": "sFID", "is": "Inception Score", "is_std": "IS std", "precision": "Precision (k=3)",
+    "recall": "Recall (k=3)", "kid": "KID", "kid_std": "KID std", "num_samples": "samples",
+    "proxy_fd": "proxy FD (classifier features)", "proxy_kid": "proxy KID", "proxy_kid_std": "proxy KID std",
+    "proxy_accuracy": "proxy classifier accuracy on intended labels", "proxy_precision": "proxy precision (k=3)",
+    "proxy_recall": "proxy recall (k=3)",
+}
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "`" + json.dumps(value) + "`" if isinstance(value, (dict, list)) else str(value)
+
+
+def _flatten(d: dict, prefix: str = "") -> list[tuple[str, object]]:
+    rows = []
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            rows += _flatten(v, f"{prefix}{k}.")
+        else:
+            rows.append((f"{prefix}{k}", v))
+    return rows
+
+
+def card_markdown(card: dict) -> str:
+    lines = [f"# Eval card: {card['samples']}", "", f"Written {card['written_utc']} · {card['num_samples']} samples "
+             f"at {card['image_size'][0]}x{card['image_size'][1]}", ""]
+    for part, title in (("inception", "Inception metrics (pytorch-fid layout)"), ("proxy", "Offline proxy (not FID)")):
+        if part not in card["evaluation"]:
+            continue
+        ev = card["evaluation"][part]
+        lines += [f"## {title}", "", "| metric | value |", "| --- | --- |"]
+        lines += [f"| {METRIC_LABELS.get(k, k)} | {_fmt(v)} |" for k, v in ev["metrics"].items()]
+        ref = ev["reference"]
+        lines += ["", f"Feature network `{ev['network']['name']}` (weights sha256 `{ev['network'].get('weights_sha256')}`); "
+                      f"reference `{ref.get('path')}` ({ref.get('stats_from')}), content sha256 `{ref.get('content_sha256')}`. "
+                      f"Timings: {_fmt(ev['timings_s'])}.", ""]
+        if part == "proxy":
+            lines += [f"_{ev['note']}_", ""]
+    if card.get("sampling"):
+        lines += ["## Sampling record", "", "| setting | value |", "| --- | --- |"]
+        lines += [f"| {k} | {_fmt(v)} |" for k, v in _flatten(card["sampling"])]
+        lines.append("")
+    lines += ["## Evaluation settings", "", "| setting | value |", "| --- | --- |"]
+    lines += [f"| {k} | {_fmt(v)} |" for k, v in _flatten(card["evaluation_settings"])]
+    return "\n".join(lines) + "\n"
+
+
+def write_card(sample_record: dict | None, report: dict, path: str | Path) -> tuple[Path, Path]:
+    """`report` is eval.fid.run()'s result; writes path.json and path.md atomically."""
+    path = Path(path)
+    card = {"samples": report["samples"], "num_samples": report["num_samples"], "image_size": report["image_size"],
+            "written_utc": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S"),
+            "sampling": sample_record or {},
+            "evaluation": {k: report[k] for k in ("inception", "proxy") if k in report},
+            "evaluation_settings": {"device": report.get("device"), "software": report.get("software"),
+                                    "total_seconds": report.get("total_seconds"), **report.get("settings", {})}}
+    json_path, md_path = path.with_suffix(".json"), path.with_suffix(".md")
+    write_json_atomic(json_path, card)
+    tmp = md_path.with_name(f".{md_path.name}.tmp")
+    tmp.write_text(card_markdown(card))
+    tmp.replace(md_path)
+    return json_path, md_path
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
+    ap.description = __doc__
+    ap.add_argument("--sample-record", help="JSON record written by sample.py next to the samples")
+    ap.add_argument("--metrics", help="reuse a metrics JSON from `python -m eval.fid` instead of evaluating again")
+    ap.add_argument("--card", help="output path without suffix (default: <samples>_eval_card)")
+    args = ap.parse_args(argv)
+    record = None
+    if args.sample_record:
+        record = json.loads(Path(args.sample_record).read_text())
+    report = json.loads(Path(args.metrics).read_text()) if args.metrics else run(args)
+    samples = Path(args.samples)
+    card = Path(args.card) if args.card else samples.parent / f"{samples.stem if samples.is_file() else samples.name}_eval_card"
+    json_path, md_path = write_card(record, report, card)
+    print(f"wrote {json_path} and {md_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

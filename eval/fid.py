@@ -1,0 +1,128 @@
+"""Evaluate generated samples: FID, sFID, IS, precision/recall, KID (Inception) and/or the offline proxy.
+
+    python -m eval.fid --samples samples/run1.npz --ref VIRTUAL_imagenet256_labeled.npz \
+        --inception weights/pt_inception-2015-12-05-6726825d.pth
+    python -m eval.fid --samples samples/fmnist/ --proxy-classifier eval/weights/fmnist_classifier.safetensors
+
+--samples: a folder of PNG/JPEG files or an ADM-format .npz (`arr_0` uint8 NHWC, optional `arr_1` labels).
+--ref: our statistics file (`python -m eval.ref_stats`) or an ADM reference batch. The proxy compares with
+the real Fashion-MNIST test set (--proxy-data) or a proxy statistics file (--proxy-ref). Prints the metrics
+and writes them as JSON (--out, default next to the samples).
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import scipy
+import torch
+
+from eval.data import open_images
+from eval.harness import evaluate, fashion_mnist_reference, load_reference, pick_device
+from eval.proxy import write_json_atomic
+
+DEFAULT_FMNIST = "/usr/share/datasets/fashion-mnist"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--samples", required=True, help="folder of PNG/JPEG or ADM .npz (arr_0 uint8 NHWC)")
+    ap.add_argument("--labels", help="intended class labels (.npy or .txt, one per image in file order); "
+                                     "default: arr_1 / labels of the .npz")
+    ap.add_argument("--ref", help="reference statistics .npz (ours or ADM's reference batch) for Inception metrics")
+    ap.add_argument("--inception", help="local path of pt_inception-2015-12-05-6726825d.pth")
+    ap.add_argument("--ref-stats-from-file", action="store_true",
+                    help="for an ADM reference batch, use its stored (TensorFlow) mu/sigma instead of statistics "
+                         "recomputed from its arr_0 images with our network")
+    ap.add_argument("--proxy-classifier", help="proxy classifier .safetensors (eval/weights/fmnist_classifier.safetensors)")
+    ap.add_argument("--proxy-ref", help="proxy statistics .npz from `python -m eval.ref_stats --proxy-classifier ...`")
+    ap.add_argument("--proxy-data", default=DEFAULT_FMNIST, help="Fashion-MNIST folder (real test set for the proxy)")
+    ap.add_argument("--out", help="metrics JSON (default: <samples>_metrics.json next to the samples)")
+    ap.add_argument("--batch-size", type=int, default=100)
+    ap.add_argument("--device", help="cpu / cuda / cuda:1 (default: cuda if available)")
+    ap.add_argument("--is-splits", type=int, default=10)
+    ap.add_argument("--kid-subsets", type=int, default=100)
+    ap.add_argument("--kid-subset-size", type=int, default=1000)
+    ap.add_argument("--threads", type=int, help="torch CPU threads")
+    return ap
+
+
+def software_versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        toolkit = version("var-toolkit")
+    except PackageNotFoundError:
+        toolkit = "source checkout"
+    return {"toolkit": toolkit, "python": platform.python_version(), "torch": torch.__version__,
+            "numpy": np.__version__, "scipy": scipy.__version__}
+
+
+def run(args: argparse.Namespace) -> dict:
+    if not args.inception and not args.proxy_classifier:
+        raise SystemExit("nothing to compute: pass --inception PATH (with --ref) and/or --proxy-classifier PATH")
+    if args.inception and not args.ref:
+        raise SystemExit("--inception needs --ref (reference statistics or an ADM reference batch)")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = pick_device(args.device)
+    source = open_images(args.samples, args.labels)
+    report = {"samples": str(args.samples), "num_samples": len(source),
+              "image_size": list(source.image_size), "has_labels": source.labels is not None,
+              "device": str(device), "software": software_versions(), "settings": vars(args)}
+    start = time.perf_counter()
+    common = dict(batch_size=args.batch_size, device=device, kid_subsets=args.kid_subsets,
+                  kid_subset_size=args.kid_subset_size, is_splits=args.is_splits)
+    if args.inception:
+        from eval.inception import InceptionFeatures
+
+        net = InceptionFeatures.from_file(args.inception, device)
+        ref = load_reference(args.ref, net, batch_size=args.batch_size, device=device,
+                             recompute_from_images=not args.ref_stats_from_file)
+        report["inception"] = evaluate(net, source, ref, **common)
+    if args.proxy_classifier:
+        from eval.proxy import load_classifier
+
+        net = load_classifier(args.proxy_classifier, device)
+        if args.proxy_ref:
+            ref = load_reference(args.proxy_ref, net, batch_size=args.batch_size, device=device)
+        else:
+            ref = fashion_mnist_reference(args.proxy_data, net, net.config.image_size, device=device)
+        # "proxy_" on every key: these are not FID/IS and must never be reported as such
+        report["proxy"] = evaluate(net, source, ref, prefix="proxy_", labels=source.labels, compute_is=False, **common)
+        report["proxy"]["note"] = ("offline proxy: distances in a small Fashion-MNIST classifier's features; "
+                                   "not FID, not comparable with published numbers")
+    report["total_seconds"] = round(time.perf_counter() - start, 2)
+    return report
+
+
+def default_out(samples: str | Path) -> Path:
+    samples = Path(samples)
+    return samples.parent / f"{samples.stem if samples.is_file() else samples.name}_metrics.json"
+
+
+def format_metrics(report: dict) -> str:
+    lines = []
+    for part in ("inception", "proxy"):
+        if part in report:
+            for key, value in report[part]["metrics"].items():
+                lines.append(f"{part:9s} {key:18s} {value:.6g}" if isinstance(value, float) else f"{part:9s} {key:18s} {value}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    report = run(args)
+    out = Path(args.out) if args.out else default_out(args.samples)
+    write_json_atomic(out, report)
+    print(format_metrics(report))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,58 @@
+"""The offline proxy classifier: shipped weights, accuracy on real data, file format, input convention."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from eval.proxy import ClassifierConfig, ProxyClassifier, load_classifier, save_classifier
+
+SHIPPED = Path(__file__).resolve().parents[1] / "eval" / "weights" / "fmnist_classifier.safetensors"
+FMNIST = Path("/usr/share/datasets/fashion-mnist")
+
+
+def test_shipped_classifier_record_and_config():
+    record = json.loads(SHIPPED.with_suffix(".json").read_text())
+    assert record["test_accuracy"] >= 0.90
+    net = load_classifier(SHIPPED)
+    assert net.config.num_classes == 10 and len(net.config.class_names) == 10 and len(net.weights_sha256) == 64
+
+
+@pytest.mark.skipif(not FMNIST.is_dir(), reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
+def test_shipped_classifier_accuracy_on_real_test_images():
+    from eval.data import fashion_mnist_uint8
+    from eval.features import uint8_to_input
+
+    torch.set_num_threads(1)
+    images, labels, _ = fashion_mnist_uint8(FMNIST, "test", 32)
+    idx = np.random.default_rng(0).choice(len(labels), 2000, replace=False)
+    net = load_classifier(SHIPPED)
+    with torch.inference_mode():
+        logits = torch.cat([net(uint8_to_input(images[idx[i:i + 500]], torch.device("cpu")))["logits"]
+                            for i in range(0, 2000, 500)])
+    assert (logits.argmax(1).numpy() == labels[idx]).mean() >= 0.88  # 2000-image subsample of a >= 90 % model
+
+
+def test_save_load_round_trip_and_input_convention(tmp_path):
+    torch.manual_seed(0)
+    net = ProxyClassifier(ClassifierConfig(widths=(4, 8), feature_dim=6)).eval()
+    save_classifier(tmp_path / "c.safetensors", net, {"test_accuracy": 0.5})
+    loaded = load_classifier(tmp_path / "c.safetensors")
+    gray = torch.rand(3, 1, 32, 32)
+    with torch.no_grad():
+        a = net(gray.expand(-1, 3, -1, -1))
+        torch.testing.assert_close(loaded(gray.expand(-1, 3, -1, -1))["logits"], a["logits"])
+        # grayscale replicated to RGB and the single-channel image are the same input
+        torch.testing.assert_close(net(gray)["pool"], a["pool"])
+        assert net(torch.rand(2, 3, 64, 64))["pool"].shape == (2, 6)  # other sizes are resized
+    assert json.loads((tmp_path / "c.json").read_text())["config"]["feature_dim"] == 6
+
+
+def test_foreign_safetensors_file_is_rejected(tmp_path):
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "x.safetensors"))
+    with pytest.raises(ValueError, match="not a proxy classifier"):
+        load_classifier(tmp_path / "x.safetensors")
+    with pytest.raises(FileNotFoundError, match="eval.train_classifier"):
+        load_classifier(tmp_path / "missing.safetensors")
