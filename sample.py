@@ -19,9 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import subprocess
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +28,7 @@ from PIL import Image
 
 from samplers import available_samplers, build_sampler, sampler_class
 from samplers.cli import SHIPPED, load_models, parse_sampler_args
+from var.atomic import atomic_write, atomic_write_json
 from var.checkpoint import read_metadata
 
 REPO = Path(__file__).resolve().parent
@@ -121,17 +120,6 @@ def class_names(path: str) -> list[str]:
 
 
 # ---- output files ----------------------------------------------------------------------------------------
-def atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def to_uint8(images_B3HW: torch.Tensor) -> np.ndarray:
     """[0, 1] floats -> uint8 NHWC with round-to-nearest (as ADM's and torchvision's writers)."""
     return images_B3HW.mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
@@ -254,7 +242,7 @@ def finish(out: Path, labels: list[int], record: dict, args) -> None:
         atomic_write(out / "grid.png", lambda tmp: Image.fromarray(make_grid(shown, per_row)).save(tmp, format="PNG"))
     stats = [json.loads(line) for f in sorted(out.glob("stats*.jsonl")) for line in f.read_text().splitlines()]
     record["sampling_wall_time_s"] = sum(s["wall_time_s"] for s in stats)  # of this and earlier (resumed) runs
-    atomic_write(out / "sample_config.json", lambda tmp: Path(tmp).write_text(json.dumps(record, indent=2)))
+    atomic_write_json(out / "sample_config.json", record)
     print(f"wrote {len(labels)} images to {out}")
     if args.eval_card:
         write_eval_card(out, record, args)

@@ -24,6 +24,7 @@ from PIL import Image, ImageDraw
 
 from eval.inception import FIDInceptionV3, InceptionFeatures, load_fid_inception, random_fid_inception
 from eval.proxy import write_json_atomic
+from var.atomic import atomic_write
 
 
 def pytorch_fid_network(state_dict: dict, device: torch.device):
@@ -83,9 +84,7 @@ def bar_chart(path: Path, title: str, labels: list[str], values: list[float], un
         length = int((w - margin - 110) * value / vmax)
         draw.rectangle([margin, y, margin + length, y + bar_h], fill=(70, 110, 200) if i else (150, 150, 150))
         draw.text((margin + length + 6, y + 8), f"{value:.1f} {unit}", fill="black")
-    tmp = path.with_name(f".{path.name}.tmp")
-    img.save(tmp, format="PNG")
-    tmp.replace(path)
+    atomic_write(path, lambda tmp: img.save(tmp, format="PNG"), suffix=".png")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,7 +20,6 @@ import json
 import os
 import platform
 import statistics
-import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -31,6 +30,7 @@ from tqdm import tqdm
 from eval.plotting import bar_chart
 from samplers import build_sampler, sampler_class
 from samplers.cli import SHIPPED, load_models, parse_sampler_args, parse_sampler_spec
+from var.atomic import atomic_write_json, atomic_write_text
 
 
 # ---- measurements ------------------------------------------------------------------------------------------
@@ -217,12 +217,8 @@ def markdown_table(results: dict) -> str:
 
 
 def write_outputs(results: dict, out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    for suffix, text in ((".json", json.dumps(results, indent=2)), (".md", markdown_table(results))):
-        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, out.with_suffix(suffix))
+    atomic_write_json(out.with_suffix(".json"), results)
+    atomic_write_text(out.with_suffix(".md"), markdown_table(results))
     groups = {f"batch {b}": {r["sampler"]: r["speedup_vs_default"] for r in results["rows"] if r["batch"] == b}
               for b in sorted({r["batch"] for r in results["rows"]})}
     bar_chart(out.with_suffix(".png"), groups, "speed-up vs default sampler (same run)", "x", reference_line=1.0)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from eval.fid import build_parser, run
 from eval.proxy import write_json_atomic
+from var.atomic import atomic_write_text
 
 METRIC_LABELS = {
     "fid": "FID", "sfid": "sFID", "is": "Inception Score", "is_std": "IS std", "precision": "Precision (k=3)",
@@ -79,9 +80,7 @@ def write_card(sample_record: dict | None, report: dict, path: str | Path) -> tu
                                     "total_seconds": report.get("total_seconds"), **report.get("settings", {})}}
     json_path, md_path = path.with_suffix(".json"), path.with_suffix(".md")
     write_json_atomic(json_path, card)
-    tmp = md_path.with_name(f".{md_path.name}.tmp")
-    tmp.write_text(card_markdown(card))
-    tmp.replace(md_path)
+    atomic_write_text(md_path, card_markdown(card))
     return json_path, md_path
 
 

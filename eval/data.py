@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +16,8 @@ from typing import Iterator
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+
+from var.atomic import atomic_write
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 STATS_FORMAT = "var-toolkit-ref-stats"
@@ -197,15 +197,7 @@ def save_ref_stats(path: str | Path, arrays: dict[str, np.ndarray], meta: dict) 
         raise ValueError(f"statistics need mu and sigma and only keys {STAT_KEYS + FEATURE_KEYS}; got {sorted(arrays)}")
     content_hash = stats_hash(arrays)
     meta = {**meta, "format": STATS_FORMAT, "content_sha256": content_hash}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp.npz", dir=path.parent)
-    os.close(fd)
-    try:
-        np.savez(tmp, meta=np.array(json.dumps(meta)), **arrays)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_write(path, lambda tmp: np.savez(tmp, meta=np.array(json.dumps(meta)), **arrays), suffix=".tmp.npz")
     return content_hash
 
 

@@ -2,21 +2,9 @@
 plain PIL rendering, so every benchmark always writes its PNG."""
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
-
-def _atomic_save(path: Path, save) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
-        save(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+from var.atomic import atomic_write
 
 
 def bar_chart(path: str | Path, groups: dict[str, dict[str, float]], title: str, ylabel: str,
@@ -29,7 +17,7 @@ def bar_chart(path: str | Path, groups: dict[str, dict[str, float]], title: str,
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        _atomic_save(path, lambda tmp: _pil_bars(tmp, groups, series, title, ylabel, reference_line))
+        atomic_write(path, lambda tmp: _pil_bars(tmp, groups, series, title, ylabel, reference_line), suffix=".png")
         return path
     fig, ax = plt.subplots(figsize=(1.6 + 1.2 * len(groups) * max(1, len(series)) / 2, 4))
     width = 0.8 / max(1, len(series))
@@ -43,7 +31,7 @@ def bar_chart(path: str | Path, groups: dict[str, dict[str, float]], title: str,
     ax.set_ylabel(ylabel)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    _atomic_save(path, lambda tmp: fig.savefig(tmp, dpi=120))
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120), suffix=".png")
     plt.close(fig)
     return path
 

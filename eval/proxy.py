@@ -10,8 +10,6 @@ replicated to 3 channels by var.data) and resizes to its training resolution whe
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -21,6 +19,8 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
+
+from var.atomic import atomic_write, atomic_write_json
 
 FORMAT_NAME = "var-toolkit-proxy-classifier"
 FORMAT_VERSION = 1
@@ -93,14 +93,7 @@ def save_classifier(path: str | Path, model: ProxyClassifier, record: dict | Non
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
     config = asdict(model.config)
     meta = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION), "config": json.dumps(config)}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
     write_json_atomic(path.with_suffix(".json"), {"config": config, **(record or {})})
     return path
 
@@ -131,11 +124,8 @@ def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> Pro
 
 
 def write_json_atomic(path: str | Path, obj) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, default=_json_default) + "\n")
-    os.replace(tmp, path)
+    """JSON that may hold numpy scalars/arrays (metric reports)."""
+    atomic_write_json(path, obj, default=_json_default)
 
 
 def _json_default(obj):

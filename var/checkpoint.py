@@ -11,8 +11,6 @@ the likely cause.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
@@ -24,6 +22,7 @@ from torch import nn
 
 from tokenizers import VQVAE, VQVAEConfig
 from tokenizers.config import official_vqvae_config
+from var.atomic import atomic_write
 from var.config import VARConfig, from_dict
 from var.model import VAR
 
@@ -92,13 +91,6 @@ def load_state_dict_checked(model: nn.Module, state_dict: dict[str, torch.Tensor
 
 
 # ---- our format -----------------------------------------------------------------------------------------
-def _atomic_target(path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    return tmp
-
-
 def save_model(path: str | Path, model: VQVAE | VAR, extra: dict | None = None) -> Path:
     """Write `model` (weights + config + format version) to one safetensors file, atomically."""
     path = Path(path)
@@ -109,14 +101,7 @@ def save_model(path: str | Path, model: VQVAE | VAR, extra: dict | None = None) 
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
     meta = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION), "kind": kind,
             "config": json.dumps(asdict(model.config)), "extra": json.dumps(extra or {})}
-    tmp = _atomic_target(path)
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
 def read_metadata(path: str | Path) -> dict:

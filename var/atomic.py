@@ -1,0 +1,34 @@
+"""Atomic file writes: write to a temp file in the target folder, then rename over the target, so an
+interrupted run never leaves a truncated file behind (the old file or the new one, nothing else)."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+
+def atomic_write(path: str | Path, write: Callable[[str], None], suffix: str = ".tmp") -> Path:
+    """Call `write(tmp_path)` and move the result to `path`. `suffix` lets writers that insist on an
+    extension (e.g. np.savez given a path) keep theirs."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def atomic_write_json(path: str | Path, obj, indent: int = 2, default=None) -> Path:
+    """`default` converts objects json cannot (e.g. numpy scalars), as in json.dumps."""
+    return atomic_write_text(path, json.dumps(obj, indent=indent, default=default) + "\n")
