@@ -278,8 +278,8 @@ def main(argv=None) -> None:
     if args.list_samplers:
         print(list_samplers())
         return
-    torch.set_grad_enabled(False)
-    run(args)
+    with torch.no_grad():  # a context, not a global switch: main() is also called from tests and notebooks
+        run(args)
 
 
 if __name__ == "__main__":

@@ -120,7 +120,6 @@ def build_models(args, device):
 
 def run(args) -> dict:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    torch.set_grad_enabled(False)
     var, vae, extras = build_models(args, device)
     specs = ["default"] + [s for s in split_specs(args.samplers) if s != "default"]
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
@@ -259,7 +258,8 @@ def main(argv=None) -> None:
         return
     if args.repeats < 1 or args.warmup < 0:
         raise ValueError("--repeats must be >= 1 and --warmup >= 0")
-    results = run(args)
+    with torch.no_grad():
+        results = run(args)
     write_outputs(results, Path(args.out))
     print(markdown_table(results))
 

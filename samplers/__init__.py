@@ -6,3 +6,7 @@ from samplers.editing import EditingSampler
 
 __all__ = ["Sampler", "SampleOutput", "SamplerStats", "DefaultSampler", "EditingSampler", "available_samplers", "build_sampler",
            "register_sampler", "check_models_compatible", "sampler_class"]
+
+# Accelerators register themselves on import.
+import samplers.flow_map  # noqa: E402,F401  "flow"
+import samplers.sjd  # noqa: E402,F401  "sjd"
