@@ -8,5 +8,7 @@ __all__ = ["Sampler", "SampleOutput", "SamplerStats", "DefaultSampler", "Editing
            "register_sampler", "check_models_compatible", "sampler_class"]
 
 # Accelerators register themselves on import.
+import samplers.code  # noqa: E402,F401  "code"
 import samplers.flow_map  # noqa: E402,F401  "flow"
+import samplers.scalekv  # noqa: E402,F401  "scalekv"
 import samplers.sjd  # noqa: E402,F401  "sjd"

@@ -1,0 +1,207 @@
+"""KV-cache compression policies that any sampler applies to its cache after each scale.
+
+A policy is asked once per layer after the forward of scale k (the current map was attended in full
+while it was generated; compression only affects later scales). Three policies share one interface:
+
+* `SelectionPolicy` — score-based per-head top-k (ScaleKV with per-(layer, scale) budgets from an
+  ASI calibration, or uniform SnapKV-style budgets): scores of every cached key from a 4x4 grid of
+  observation queries of the current map, pooled along the sequence, window always kept.
+* `WindowPolicy` — sliding window: the most recent `budget` entries of every layer.
+
+Budgets count cache entries per (row, head) of one layer; every head of a compressed layer ends with
+exactly its budget. Rows (including the CFG half) and heads are selected independently.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from var.kv_cache import KVCache
+
+WINDOW_GRID = 4  # observation window: centres of a 4x4 grid of patches of the current map
+
+
+def scale_lengths(patch_nums) -> list[int]:
+    """Cumulative sequence length after each scale, e.g. (1,2,3) -> [1, 5, 14]."""
+    out, total = [], 0
+    for p in patch_nums:
+        total += p * p
+        out.append(total)
+    return out
+
+
+def peak_cache_len(patch_nums) -> int:
+    """The largest cache a sampler ever compresses: everything before the last map (424 for 256px)."""
+    return scale_lengths(patch_nums)[-2]
+
+
+def window_offsets(pn: int, window: int = WINDOW_GRID * WINDOW_GRID) -> torch.Tensor:
+    """Row-major offsets inside a pn x pn map of the observation window.
+
+    From 4x4 maps on: the centre token of each cell of a 4x4 grid (16 queries). A smaller map has
+    fewer than 16 tokens, so all of its tokens form the window (the spec's fallback takes the 16 most
+    recent positions, which would reach into earlier scales whose queries are no longer available).
+    """
+    if pn < WINDOW_GRID:
+        return torch.arange(pn * pn)
+    edges = torch.linspace(0, pn, WINDOW_GRID + 1)
+    centres = ((edges[:-1] + edges[1:]) / 2).floor().long().clamp_max(pn - 1)
+    rows, cols = torch.meshgrid(centres, centres, indexing="ij")
+    return (rows * pn + cols).flatten()[:window]
+
+
+def window_size(pn: int) -> int:
+    return min(pn * pn, WINDOW_GRID * WINDOW_GRID)
+
+
+def window_cache_index(layer_len: int, pn: int) -> torch.Tensor:
+    """Indices into a layer cache (the current map = its last pn*pn entries) of the always-kept window."""
+    return layer_len - pn * pn + window_offsets(pn)
+
+
+def pool_scores(scores_BHL: torch.Tensor, pooling: str, kernel: int) -> torch.Tensor:
+    """1-D pooling along the flattened sequence, per head (reference: max pooling, kernel 5, same padding)."""
+    if pooling == "none" or kernel <= 1:
+        return scores_BHL
+    B, H, L = scores_BHL.shape
+    flat = scores_BHL.reshape(B * H, 1, L)
+    if pooling == "max":
+        pooled = F.max_pool1d(flat, kernel, stride=1, padding=kernel // 2)
+    elif pooling == "avg":
+        pooled = F.avg_pool1d(flat, kernel, stride=1, padding=kernel // 2, count_include_pad=False)
+    else:
+        raise ValueError(f"pooling must be 'max', 'avg' or 'none', got {pooling!r}")
+    return pooled[..., :L].reshape(B, H, L)
+
+
+def select_topk(scores_BHL: torch.Tensor, keep_idx: torch.Tensor, budget: int) -> torch.Tensor:
+    """Indices (B, H, budget): the always-kept entries `keep_idx` plus the best-scoring others.
+
+    A budget smaller than the window (tiny models at small budget fractions) cannot keep it whole: then
+    every entry, window included, competes on its score. Ties go to the earlier position (stable sort).
+    """
+    if budget < 1:
+        raise ValueError(f"a KV budget must keep at least 1 entry, got {budget}; raise the budget fraction")
+    ranked = scores_BHL.float().clone()
+    if budget >= keep_idx.numel():
+        ranked[..., keep_idx.to(ranked.device)] = float("inf")
+    order = ranked.argsort(dim=-1, descending=True, stable=True)
+    return order[..., :budget]
+
+
+@dataclass
+class CompressionRecord:
+    """What a policy did at one scale: entries per layer before and after (per head)."""
+    scale: int
+    before: list[int]
+    after: list[int]
+
+
+class KVPolicy:
+    """Interface: `layer_budgets(num_layers, patch_nums, si, lens)` -> per-layer budgets or None, and
+    `choose(cache, model, layer, si, budget)` -> kept indices (B, H, budget); `compress` applies them."""
+    name = "none"
+    needs_queries = False
+
+    def layer_budgets(self, num_layers: int, patch_nums, si: int, lens: list[int]) -> list[int] | None:
+        raise NotImplementedError
+
+    def choose(self, cache: KVCache, model, layer: int, si: int, budget: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def compress(self, cache: KVCache, model, si: int) -> CompressionRecord:
+        """Compress every layer of `cache` after the forward of scale si (no-op at the last scale)."""
+        lens = [cache.layer_len(i) for i in range(cache.num_layers)]
+        budgets = None if si >= len(model.patch_nums) - 1 else self.layer_budgets(cache.num_layers, model.patch_nums, si, lens)
+        if budgets is not None:
+            for layer, (n, b) in enumerate(zip(lens, budgets)):
+                if b < n:
+                    cache.select(layer, self.choose(cache, model, layer, si, b))
+        if self.needs_queries:  # queries are only kept for this step; do not let them grow the memory peak
+            cache.queries = [None] * cache.num_layers
+        return CompressionRecord(si, lens, [cache.layer_len(i) for i in range(cache.num_layers)])
+
+
+class WindowPolicy(KVPolicy):
+    """Sliding window at a uniform budget: the most recent `budget` cache entries of every layer."""
+    name = "window"
+
+    def __init__(self, budget: int):
+        if budget < 1:
+            raise ValueError(f"window budget must be >= 1 entry, got {budget}")
+        self.budget = int(budget)
+
+    def layer_budgets(self, num_layers, patch_nums, si, lens):
+        return [self.budget] * num_layers if max(lens) > self.budget else None
+
+    def choose(self, cache, model, layer, si, budget):
+        B, H, n, _ = cache.keys[layer].shape
+        return torch.arange(n - budget, n, device=cache.keys[layer].device).expand(B, H, budget)
+
+
+class SelectionPolicy(KVPolicy):
+    """Score-based selection (ScaleKV / SnapKV). `budget_fn(num_layers, patch_nums, si, lens)` returns the
+    per-layer budgets of scale si (or None: no compression at this scale).
+
+    Switches (spec 2.4 step 5): score 'logits' (reference: sum of pre-softmax q.k) or 'softmax' (paper);
+    pooling 'max' (reference) | 'avg' (paper) | 'none'; per_head True (reference) or head-shared.
+    Scores use exactly the layer's attention logits: L2-normalised q, k with the learned head scale.
+    """
+    needs_queries = True
+
+    def __init__(self, budget_fn, name: str = "selection", score: str = "logits", pooling: str = "max",
+                 kernel: int = 5, per_head: bool = True):
+        if score not in ("logits", "softmax"):
+            raise ValueError(f"score must be 'logits' or 'softmax', got {score!r}")
+        if pooling not in ("max", "avg", "none"):
+            raise ValueError(f"pooling must be 'max', 'avg' or 'none', got {pooling!r}")
+        self.budget_fn, self.name = budget_fn, name
+        self.score, self.pooling, self.kernel, self.per_head = score, pooling, kernel, per_head
+
+    def layer_budgets(self, num_layers, patch_nums, si, lens):
+        return self.budget_fn(num_layers, patch_nums, si, lens)
+
+    def window_logits(self, cache: KVCache, model, layer: int, si: int) -> torch.Tensor:
+        """(B, H, |W|, L_layer) attention logits of the window queries of scale si on the whole layer cache,
+        computed exactly as the layer does (its normalised q, cached normalised k, its scale)."""
+        q_BHlc = cache.queries[layer]
+        if q_BHlc is None:
+            raise RuntimeError("score-based KV compression needs the cache's queries: create it with "
+                               "model.new_cache(record_queries=True)")
+        pn = model.patch_nums[si]
+        q_win = q_BHlc[:, :, q_BHlc.shape[2] - pn * pn:][:, :, window_offsets(pn).to(q_BHlc.device)]
+        k = cache.keys[layer]
+        return torch.einsum("bhwc,bhlc->bhwl", q_win.float(), k.float()) * model.blocks[layer].attn.scale
+
+    def scores(self, cache: KVCache, model, layer: int, si: int) -> torch.Tensor:
+        """(B, H, L_layer) pooled importance of every cached entry for the window queries of scale si."""
+        logits_BHwL = self.window_logits(cache, model, layer, si)
+        if self.score == "softmax":
+            logits_BHwL = logits_BHwL.softmax(dim=-1)
+        scores = logits_BHwL.sum(dim=2)
+        if not self.per_head:
+            scores = scores.mean(dim=1, keepdim=True).expand_as(scores)
+        return pool_scores(scores, self.pooling, self.kernel)
+
+    def choose(self, cache, model, layer, si, budget):
+        keep = window_cache_index(cache.layer_len(layer), model.patch_nums[si])
+        return select_topk(self.scores(cache, model, layer, si), keep, budget)
+
+
+# ---- budget functions ---------------------------------------------------------------------------
+def uniform_budget(budget: int):
+    """SnapKV-style: the same budget for every layer, whenever a layer holds more than it."""
+    def fn(num_layers, patch_nums, si, lens):
+        return [budget] * num_layers if max(lens) > budget else None
+    return fn
+
+
+def budget_tokens(budget_frac: float, patch_nums) -> int:
+    """Budget in cache entries from a fraction of the peak cache (spec 2.5: fraction of 424 at 256px)."""
+    if not 0.0 < budget_frac <= 1.0:
+        raise ValueError(f"budget_frac must be in (0, 1] (a fraction of the peak cache of "
+                         f"{peak_cache_len(patch_nums)} entries), got {budget_frac}")
+    return max(1, round(budget_frac * peak_cache_len(patch_nums)))

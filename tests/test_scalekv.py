@@ -1,0 +1,240 @@
+"""ScaleKV: exactness without compression, exact per-(layer, head) budgets, ASI identification, calibration file."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from scipy.ndimage import maximum_filter1d
+
+from samplers import DefaultSampler, build_sampler
+from samplers.calibration import (asi_terms, calibrate, identify_drafters, load_calibration, save_calibration,
+                                  zscore_per_scale)
+from samplers.kv_compression import (KVPolicy, pool_scores, peak_cache_len, scale_lengths, select_topk,
+                                     window_cache_index, window_offsets)
+from samplers.scalekv import ScaleKVSampler, allocate_scale, build_policy, even_fill
+from tests.test_code import LABELS, PN, same_tokens, tiny_var
+from tokenizers import VQVAE, VQVAEConfig
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    torch.manual_seed(0)
+    vae = VQVAE(VQVAEConfig(vocab_size=32, z_channels=8, ch=32, ch_mult=(1, 2), num_res_blocks=1, patch_nums=PN)).eval()
+    var = tiny_var(11, depth=4)
+    path = tmp_path_factory.mktemp("cal") / "cal.json"
+    save_calibration(calibrate(var, vae, [0, 3, 6, 9], seeds=[0], drafter_frac=0.25), path)
+    return vae, var, path
+
+
+@pytest.mark.parametrize("policy", ["scalekv", "snapkv", "window"])
+def test_budget_covering_the_cache_is_bitwise_uncompressed(setup, policy):
+    vae, var, cal = setup
+    args = dict(cfg=1.5, top_k=10, top_p=0.9, seed=3)
+    ref = DefaultSampler(var, vae).sample(LABELS, **args)
+    out = ScaleKVSampler(var, vae, policy=policy, budget_frac=1.0, calibration=str(cal)).sample(LABELS, **args)
+    assert same_tokens(ref, out) and torch.equal(ref.f_hat, out.f_hat)
+    assert out.stats.kv_bytes_per_scale == ref.stats.kv_bytes_per_scale
+
+
+class CheckedPolicy(KVPolicy):
+    """Test wrapper: runs the real policy, then checks the cache it left behind."""
+
+    def __init__(self, inner):
+        self.inner, self.needs_queries, self.seen = inner, inner.needs_queries, []
+
+    def compress(self, cache, model, si):
+        lens = [cache.layer_len(i) for i in range(cache.num_layers)]
+        budgets = None if si == len(PN) - 1 else self.inner.layer_budgets(cache.num_layers, PN, si, lens)
+        win = [cache.positions[i][:, :, window_cache_index(lens[i], PN[si])].clone() for i in range(cache.num_layers)]
+        record = self.inner.compress(cache, model, si)
+        for layer in range(cache.num_layers):
+            pos = cache.positions[layer]
+            want = lens[layer] if budgets is None else min(budgets[layer], lens[layer])
+            assert cache.keys[layer].shape[2] == cache.values[layer].shape[2] == pos.shape[2] == want
+            assert bool((pos[..., 1:] > pos[..., :-1]).all()), "positions must stay sorted and unique per (row, head)"
+            if self.needs_queries:  # score-based selection always keeps the observation window
+                assert bool(torch.isin(win[layer], pos).all())
+        self.seen.append((si, budgets, record.after))
+        return record
+
+
+@pytest.mark.parametrize("policy", ["scalekv", "snapkv", "window"])
+def test_each_layer_and_head_holds_exactly_its_budget(setup, policy):
+    vae, var, cal = setup
+    frac = 0.4
+    B = round(frac * peak_cache_len(PN))  # 22 of 55 entries
+    checked = CheckedPolicy(build_policy(policy, var, frac, str(cal)))
+    out = ScaleKVSampler(var, vae, policy=checked).sample(LABELS, cfg=1.5, top_k=10, seed=1)
+    compressed = [(si, b, after) for si, b, after in checked.seen if b is not None]
+    assert [si for si, _, _ in compressed] == [3, 4]  # caches of 30 and 22+25 entries exceed 22; the last scale never
+    for si, budgets, after in compressed:
+        assert after == budgets and sum(budgets) == B * var.depth  # layer average equals the uniform budget
+    if policy == "scalekv":
+        assert any(len(set(b)) > 1 for _, b, _ in compressed), "drafter layers get more than refiners"
+    held = out.stats.extra["kv_bytes_after_compression"]
+    per_entry = 2 * 2 * len(LABELS) * var.embed_dim * 4  # k + v, 2B rows, fp32
+    assert held[3] == held[4] == B * var.depth * per_entry
+    assert out.stats.kv_bytes_peak < DefaultSampler(var, vae).sample(LABELS, cfg=1.5, top_k=10, seed=1).stats.kv_bytes_peak
+
+
+def test_per_head_selection_differs_between_heads_and_rows(setup):
+    vae, var, cal = setup
+    policy = build_policy("snapkv", var, 0.4)
+    cache = var.new_cache(record_queries=True)
+    from samplers.staged import new_state, run_scales
+    sampler = ScaleKVSampler(var, vae, policy=None)
+    state = new_state(sampler, len(LABELS))
+    args = dict(cfg=1.5, top_k=10, top_p=0.0, temperature=1.0, more_smooth=False)
+    from samplers.base import SamplerStats
+    run_scales(sampler, var, "var", LABELS, cache, state, 0, 4, torch.Generator().manual_seed(0), SamplerStats(),
+               sampling=args, policy=policy)
+    pos = cache.positions[1]
+    assert not bool((pos == pos[:, :1]).all()) and not bool((pos == pos[:1]).all())
+
+
+def test_select_topk_and_pooling_against_brute_force():
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randn(2, 3, 12, generator=g)
+    keep = torch.tensor([10, 11])
+    idx = select_topk(scores, keep, budget=6)
+    for b in range(2):
+        for h in range(3):
+            others = sorted(range(10), key=lambda i: -float(scores[b, h, i]))[:4]
+            assert sorted(idx[b, h].tolist()) == sorted(others + [10, 11])
+    pooled = pool_scores(scores, "max", 5)
+    expect = maximum_filter1d(scores.numpy(), size=5, axis=-1, mode="constant", cval=-np.inf)
+    np.testing.assert_array_equal(pooled.numpy(), expect)
+    # a budget below the window size: the window competes like every other entry
+    assert torch.equal(select_topk(scores, keep, budget=1)[..., 0], scores.argmax(-1))
+    with pytest.raises(ValueError, match="at least 1"):
+        select_topk(scores, keep, budget=0)
+
+
+def test_window_geometry():
+    assert window_offsets(4).tolist() == list(range(16))
+    off = window_offsets(8)
+    assert off.tolist() == [r * 8 + c for r in (1, 3, 5, 7) for c in (1, 3, 5, 7)]
+    assert window_offsets(3).tolist() == list(range(9))  # smaller maps: every token is a query
+    assert window_cache_index(40, 5).min() >= 40 - 25
+
+
+def test_budget_allocation_keeps_the_mean_and_caps():
+    shares, left = even_fill(10, [2, 100, 100])
+    assert shares == [2, 4, 4] and left == 0
+    lens = [50, 50, 50, 50]
+    b = allocate_scale(lens, [True, False, False, False], budget=20, refiner_frac=0.8, floor=16)
+    assert b == [32, 16, 16, 16] and sum(b) == 80
+    capped = allocate_scale([30, 50, 50, 50], [True, False, False, False], 20, 0.5, 16)
+    assert capped[0] == 30 and sum(capped) == 80  # drafter capped at what it holds; refiners take the rest
+    assert allocate_scale(lens, [False] * 4, 20, 0.5, 16) == [20] * 4
+
+
+def test_asi_identifies_the_diffuse_layer_on_a_synthetic_tensor():
+    """4 layers, 4 current queries, 10 history keys; the two heads differ but average to the designed rows."""
+    hist, cur = 10, 4
+
+    def layer(row):  # row: head-averaged attention of every query; split unevenly over two heads
+        A = torch.tensor(row).expand(1, 1, cur, hist + cur)
+        h0 = A * 0.5
+        h0[..., :] += torch.linspace(-1, 1, hist + cur) * 0.01
+        return torch.cat((h0, 2 * A - h0), dim=1)
+
+    uniform = [1 / 14] * 14  # diffuse: current 4/14, top-2 history 2/14 -> ASI 8/196
+    local = [0.1] + [0.0] * 9 + [0.225] * 4  # current .9, top-2 history .1 -> .09
+    selective = [0.0] * 3 + [0.5] + [0.0] * 6 + [0.125] * 4  # .5 x .5 -> .25
+    split = [0.2, 0.2] + [0.0] * 8 + [0.15] * 4  # .6 x .4 -> .24
+    expected = [8 / 196, 0.09, 0.25, 0.24]
+    for row, want in zip((uniform, local, selective, split), expected):
+        current, conc = asi_terms(layer(row), cur, hist_topk=2)
+        assert float(current.mean() * conc.mean()) == pytest.approx(want, abs=1e-6)
+    asi = torch.zeros(4, 4)
+    asi[:, 1] = torch.tensor(expected)
+    asi[:, 2] = torch.tensor(expected) * 10 + 3  # another scale on another range: z-scores are per scale
+    z = zscore_per_scale(asi, [1, 2])
+    torch.testing.assert_close(z[:, 1], z[:, 2], atol=1e-4, rtol=1e-4)
+    mask = identify_drafters(asi, [1, 2], drafter_frac=2 / 8)
+    assert [(l, k) for l in range(4) for k in range(4) if mask[l][k]] == [(0, 1), (0, 2)]
+    assert sum(map(sum, identify_drafters(asi, [1, 2], 0.0))) == 0
+
+
+def test_calibration_file_is_deterministic_and_tied_to_the_model(setup, tmp_path):
+    vae, var, cal = setup
+    data = json.loads(cal.read_text())
+    assert data["scales"] == [1, 2, 3, 4] and len(data["drafters"]) == round(0.25 * 4 * var.depth)
+    assert all(not any(row[k] for row in data["drafter_mask"]) for k in (0, len(PN) - 1))
+    again = save_calibration(calibrate(var, vae, [0, 3, 6, 9], seeds=[0], drafter_frac=0.25), tmp_path / "again.json")
+    assert json.loads(again.read_text()) == data
+    assert not list(tmp_path.glob(".*tmp*")), "the write is atomic (no temp file left)"
+    assert load_calibration(cal, var)["drafters"] == data["drafters"]
+    other = tiny_var(11, depth=4)
+    with torch.no_grad():
+        other.head.bias.add_(1e-3)
+    with pytest.raises(ValueError, match="different model.*weights"):
+        load_calibration(cal, other)
+    with pytest.raises(ValueError, match="different model.*config"):
+        build_policy("scalekv", tiny_var(11, depth=3), 0.4, str(cal))
+    with pytest.raises(FileNotFoundError, match="samplers.calibration"):
+        load_calibration(tmp_path / "missing.json", var)
+
+
+def test_registry_and_bad_options(setup):
+    vae, var, cal = setup
+    assert isinstance(build_sampler("scalekv", var=var, vae=vae, policy="snapkv"), ScaleKVSampler)
+    with pytest.raises(ValueError, match="unknown KV policy"):
+        ScaleKVSampler(var, vae, policy="h2o")
+    with pytest.raises(ValueError, match="budget_frac"):
+        ScaleKVSampler(var, vae, policy="window", budget_frac=1.5)
+    with pytest.raises(ValueError, match="calibration"):
+        ScaleKVSampler(var, vae, policy="scalekv")
+    assert scale_lengths(PN)[-2] == peak_cache_len(PN) == 55
+
+
+def test_scores_come_from_the_attention_the_layer_really_computes(setup):
+    """softmax(window logits) @ cached V must reproduce the layer's own attention output (captured before
+    `proj` by a forward hook) at the window positions: same normalised q, k and scale as the model."""
+    from einops import rearrange
+
+    from samplers.staged import conditions_for
+    vae, var, _ = setup
+    policy = build_policy("snapkv", var, 0.4)
+    captured = {}
+    hooks = [blk.attn.proj.register_forward_hook(lambda m, inp, out, i=i: captured.__setitem__(i, inp[0]))
+             for i, blk in enumerate(var.blocks)]
+    try:
+        tokens = DefaultSampler(var, vae).sample(LABELS, seed=0, cfg=1.5, top_k=10, decode=False).tokens
+        x_tf = vae.quantize.teacher_forcing_input(tokens).repeat(2, 1, 1)
+        cond = conditions_for(var, LABELS)
+        cache = var.new_cache(record_queries=True)
+        si = 4  # prefill scales 0..4 in one forward; the window queries are the 4x4 grid centres of the 5x5 map
+        with torch.no_grad():
+            var.run_blocks(var.embed(cond, x_tf[:, :scale_lengths(PN)[si] - 1], 0, si + 1), cond, cache, 0)
+            for layer in range(var.depth):
+                attn = policy.window_logits(cache, var, layer, si).softmax(-1)
+                out = rearrange(attn @ cache.values[layer], "b h w c -> b w (h c)")
+                real = captured[layer][:, scale_lengths(PN)[si] - 25:][:, window_offsets(5)]
+                torch.testing.assert_close(out, real, atol=1e-5, rtol=1e-5)
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def test_paper_variant_switches(setup):
+    """softmax scores, average pooling, head-shared selection: exact budgets, identical positions in all heads."""
+    vae, var, cal = setup
+    for per_head in (False, True):
+        checked = CheckedPolicy(build_policy("scalekv", var, 0.4, str(cal), score="softmax", pooling="avg",
+                                             per_head=per_head))
+        sampler = ScaleKVSampler(var, vae, policy=checked)
+        cache_positions = []
+        orig = checked.inner.compress
+
+        def spy(cache, model, si, orig=orig):
+            rec = orig(cache, model, si)
+            cache_positions.append([p.clone() for p in cache.positions])
+            return rec
+        checked.inner.compress = spy
+        sampler.sample(LABELS, cfg=1.5, top_k=10, seed=2)
+        pos = cache_positions[4][0]  # layer 0 after the second compressed scale
+        assert bool((pos == pos[:, :1]).all()) == (not per_head)
