@@ -68,11 +68,12 @@ def test_interrupted_run_resumes_without_duplicates_or_gaps(ckpts, tmp_path):
 
 def test_two_processes_through_accelerate_give_the_same_images(ckpts, tmp_path):
     sample.main(_args(ckpts, tmp_path / "one", "--batch-size", "2"))
-    # accelerate's own launcher runs --cpu jobs as one process; torchrun starts the CPU processes and the
-    # Accelerator inside sample.py joins them into one gloo group (MULTI_CPU).
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+    # `accelerate launch --cpu` runs ONE process; --multi_gpu with the GPUs hidden starts two workers whose
+    # Accelerator(cpu=True) forms a gloo group (MULTI_CPU).
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29533",
            str(REPO / "sample.py"), *_args(ckpts, tmp_path / "two", "--batch-size", "2")]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": ""}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert _pngs(tmp_path / "two") == _pngs(tmp_path / "one")
