@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 
 from samplers import available_samplers, build_sampler, sampler_class
-from samplers.cli import SHIPPED, load_models, parse_sampler_args
+from samplers.cli import SHIPPED, load_models, models_for, parse_sampler_args
 from var.atomic import atomic_write, atomic_write_json
 from var.checkpoint import read_metadata
 
@@ -187,10 +187,7 @@ def run(args) -> Path:
     sampler_args = parse_sampler_args(sampler_cls, args.sampler_arg)
     acc = Accelerator(cpu=not torch.cuda.is_available())
     var, vae, extras = load_models(args.var, args.vae, args.model, acc.device)
-    missing = [n for n in sampler_cls.extra_models if n not in extras]
-    if missing:
-        raise ValueError(f"sampler {args.sampler!r} needs --model {'=PATH --model '.join(missing)}=PATH")
-    sampler = build_sampler(args.sampler, var=var, vae=vae, **extras, **sampler_args)
+    sampler = build_sampler(args.sampler, var=var, vae=vae, **models_for(sampler_cls, extras), **sampler_args)
     temperature = parse_temperature(args.temperature, var.num_scales)
     edit_inputs = load_edit_inputs(args, vae.config.image_size, acc.device) if args.sampler == "edit" else None
     labels = plan(args, var.num_classes)
@@ -269,6 +266,8 @@ def list_samplers() -> str:
         cls = sampler_class(name)
         opts = ", ".join(f"{k}: {t.__name__}" for k, t in cls.options.items()) or "no options"
         extra = f"; needs --model {', '.join(n + '=PATH' for n in cls.extra_models)}" if cls.extra_models else ""
+        if cls.optional_models:
+            extra += f"; can use --model {', '.join(n + '=PATH' for n in cls.optional_models)}"
         lines.append(f"{name:12s} {opts}{extra}")
     return "\n".join(lines)
 

@@ -102,6 +102,8 @@ class Sampler(nn.Module):
     name: ClassVar[str] = ""
     # Extra checkpoints sample.py must load and pass as keyword args (e.g. ("refiner",) for CoDe).
     extra_models: ClassVar[tuple[str, ...]] = ()
+    # Extra checkpoints the sampler can use when given (e.g. ("draft_model",) for Block-SJD's VAR drafts).
+    optional_models: ClassVar[tuple[str, ...]] = ()
     # The sampler's own options and their types, parsed by sample.py from `--sampler-arg name=value`.
     options: ClassVar[dict[str, type]] = {}
 

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import torch
 
-from var.checkpoint import load_any
+from var.checkpoint import checkpoint_kind, load_any
 
 SHIPPED = Path(__file__).resolve().parents[1] / "checkpoints" / "fmnist"
 
@@ -38,6 +38,19 @@ def parse_sampler_args(cls, items: list[str]) -> dict:
     return out
 
 
+def models_for(cls, extras: dict) -> dict:
+    """The loaded extra models a sampler class takes; errors name what is missing or not used."""
+    accepted = cls.extra_models + cls.optional_models
+    unused = sorted(set(extras) - set(accepted))
+    if unused:
+        raise ValueError(f"sampler {cls.name!r} does not use --model {', '.join(unused)}; it takes "
+                         f"{', '.join(accepted) or 'no extra models'}")
+    missing = [n for n in cls.extra_models if n not in extras]
+    if missing:
+        raise ValueError(f"sampler {cls.name!r} needs --model {'=PATH --model '.join(missing)}=PATH")
+    return {k: extras[k] for k in accepted if k in extras}
+
+
 def check_file(path: str, what: str) -> None:
     if not Path(path).is_file():
         hint = (" The shipped Fashion-MNIST models live in checkpoints/fmnist/ (see README, 'Training')."
@@ -57,7 +70,9 @@ def load_models(var_path: str, vae_path: str, extra_models: list[str], device: t
             raise ValueError(f"--model expects NAME=PATH, got {item!r}")
         name, path = item.split("=", 1)
         check_file(path, name)
-        extras[name] = load_any(path, "var", device=device)
+        # a distilled-decoding student is its own kind; anything else must be a VAR
+        kind = "dd_student" if checkpoint_kind(path) == "dd_student" else "var"
+        extras[name] = load_any(path, kind, device=device)
     return var, vae, extras
 
 

@@ -92,7 +92,7 @@ class BlockSJDSampler(Sampler):
     commit point, hence the window, is shared by the rows). stats.kv_bytes_per_scale holds one entry
     per target pass (KV held during that forward, speculative scales included).
     """
-    extra_models = ()
+    optional_models = ("draft_model", "student")
     options = {"draft": str, "draft_init": str, "window_scales": int, "max_spec_tokens": int, "accept_mode": str,
                "lenient_ratio": float, "accept_top_k": int, "stale_tolerance": float}
 

@@ -32,3 +32,26 @@ def test_benchmark_protocol_on_tiny_models(tmp_path):
     assert out.with_suffix(".png").stat().st_size > 0
     table = out.with_suffix(".md").read_text()
     assert "| `default` | 3 |" in table and "matmul peak" in table
+
+
+def test_benchmark_proxy_quality_column(tmp_path):
+    from pathlib import Path
+
+    import pytest
+    if not Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz").exists():
+        pytest.skip("needs `apt-get install dataset-fashion-mnist` (.ci/run installs it)")
+    var, vae = make_tiny_pair(seed=12, num_classes=10)
+    save_model(tmp_path / "var.safetensors", var)
+    save_model(tmp_path / "vae.safetensors", vae)
+    out = tmp_path / "bench"
+    repo = Path(__file__).resolve().parents[1]
+    benchmark.main(["--var", str(tmp_path / "var.safetensors"), "--vae", str(tmp_path / "vae.safetensors"),
+                    "--samplers", "default,edit", "--batch-sizes", "4", "--repeats", "1", "--warmup", "0",
+                    "--peak-matmul-size", "128", "--proxy-classifier",
+                    str(repo / "eval" / "weights" / "fmnist_classifier.safetensors"), "--quality-images", "20",
+                    "--out", str(out)])
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    assert [r["proxy_images"] for r in rows] == [20, 20]
+    assert rows[0]["proxy_fd"] == rows[1]["proxy_fd"] > 0  # same seeds, same images
+    assert 0.0 <= rows[0]["proxy_accuracy"] <= 1.0
+    assert "proxy FD" in out.with_suffix(".md").read_text()

@@ -115,3 +115,11 @@ def test_sample_and_evaluate_in_one_command(ckpts, tmp_path):
     assert "proxy FD" in (out / "eval_card.md").read_text()
     with pytest.raises(ValueError, match="--eval-card needs"):
         sample.main(_args(ckpts, tmp_path / "nocard", "--eval-card"))
+
+
+def test_extra_models_are_checked(ckpts, tmp_path):
+    extra = ["--model", f"refiner={ckpts / 'var.safetensors'}"]
+    with pytest.raises(ValueError, match="sampler 'default' does not use --model refiner"):
+        sample.main(_args(ckpts, tmp_path / "x", *extra))
+    with pytest.raises(ValueError, match="sampler 'code' needs --model refiner=PATH"):
+        sample.main(_args(ckpts, tmp_path / "x", "--sampler", "code"))
