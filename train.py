@@ -1,0 +1,121 @@
+"""Train a tokenizer or a VAR transformer from a TOML config.
+
+  python train.py tokenizer --config configs/fmnist_tokenizer.toml
+  python train.py var --config configs/fmnist_var_drafter.toml --set train.steps=200
+  python train.py dd --config configs/fmnist_dd.toml   # distilled-decoding student (dataset: python -m var.dd_data)
+  accelerate launch --multi_gpu --num_processes 8 train.py var --config ...   # any number of GPUs / nodes
+  CUDA_VISIBLE_DEVICES= accelerate launch --multi_gpu --num_processes 2 train.py var --config ...  # CPU, gloo
+  python train.py var --config ... --resume                          # continue the run in train.out_dir
+
+The config file has tables [data], [optim], [train] (+ [loss] for tokenizers) and the model table:
+[tokenizer] (a VQVAEConfig) for the tokenizer job, [var] (a VARConfig, `size = "var_d16"` allowed) for
+the VAR job, whose vocabulary, latent width and scale list come from the frozen tokenizer and whose
+class count comes from the dataset; [dd] (var.dd_data.DDConfig: teacher, dataset, schedule) for the dd job. `--set table.key=value` overrides any value (TOML syntax; bare
+strings need no quotes). `--resume` may change steps, logging and paths, nothing else.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import tomllib
+
+import torch
+
+from tokenizers.config import VQVAEConfig
+from var.config import VARConfig, from_dict, load_toml, var_config
+from var.train_config import DataConfig, OptimConfig, RunConfig, TokenizerLossConfig, TrainConfig
+
+TABLES = {"data": DataConfig, "optim": OptimConfig, "train": RunConfig, "loss": TokenizerLossConfig}
+
+
+def parse_override(text: str) -> tuple[list[str], object]:
+    if "=" not in text or "." not in text.split("=", 1)[0]:
+        raise ValueError(f"--set expects table.key=value (e.g. train.steps=100), got {text!r}")
+    key, raw = text.split("=", 1)
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw  # bare strings need no quotes on the command line
+    return key.split("."), value
+
+
+def load_train_config(job: str, path: str, overrides: list[str]) -> tuple[TrainConfig, dict]:
+    raw = load_toml(path)
+    for text in overrides:
+        keys, value = parse_override(text)
+        table = raw
+        for k in keys[:-1]:
+            table = table.setdefault(k, {})
+        table[keys[-1]] = value
+    model_table = {"tokenizer": "tokenizer", "dd": "dd"}.get(job, "var")
+    unknown = sorted(set(raw) - set(TABLES) - {model_table})
+    if unknown:
+        raise KeyError(f"{path}: unknown table(s) {unknown} for the {job} job; valid: {sorted(TABLES) + [model_table]}")
+    parts = {name: from_dict(cls, raw.get(name, {}), f"{path}[{name}]") for name, cls in TABLES.items()}
+    cfg = TrainConfig(job=job, **parts)
+    if model_table not in raw:
+        raise KeyError(f"{path}: missing the [{model_table}] table describing the model")
+    return cfg, dict(raw[model_table])
+
+
+def build_var_config(table: dict, vae, num_classes: int | None, where: str) -> VARConfig:
+    """[var] table -> VARConfig: vocabulary, latent width and scales come from the tokenizer and the class
+    count from the dataset unless the table sets them (a mismatch is then reported, not silently fixed)."""
+    table = dict(table)
+    size = table.pop("size", None)
+    base = dataclasses.asdict(var_config(size)) if size else {}
+    inherited = {"vocab_size": vae.vocab_size, "z_channels": vae.z_channels, "patch_nums": list(vae.patch_nums)}
+    if num_classes:
+        inherited["num_classes"] = num_classes
+    merged = {**base, **inherited, **table}
+    merged["patch_nums"] = list(merged["patch_nums"])
+    return from_dict(VARConfig, merged, where)
+
+
+def main(argv: list[str] | None = None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("job", choices=["tokenizer", "var", "dd"], help="what to train")
+    parser.add_argument("--config", required=True, help="TOML file (see configs/)")
+    parser.add_argument("--set", action="append", default=[], metavar="TABLE.KEY=VALUE",
+                        help="override a config value, e.g. --set train.steps=100 (repeatable)")
+    parser.add_argument("--resume", action="store_true", help="continue the run found in train.out_dir")
+    args = parser.parse_args(argv)
+
+    from var.data import build_dataset
+    from var.trainer import Trainer, make_accelerator
+
+    cfg, model_table = load_train_config(args.job, args.config, args.set)
+    if cfg.train.num_threads > 0:
+        torch.set_num_threads(cfg.train.num_threads)
+    torch.manual_seed(cfg.train.seed)  # identical model initialisation on every process
+    dataset = build_dataset(cfg.data, seed=cfg.train.seed) if args.job != "dd" else None  # dd reads its own data
+    accelerator = make_accelerator(cfg)
+    if args.job == "tokenizer":
+        from tokenizers.train_job import TokenizerJob
+
+        vae_cfg = from_dict(VQVAEConfig, model_table, f"{args.config}[tokenizer]")
+        if vae_cfg.image_size != cfg.data.image_size:
+            raise ValueError(f"tokenizer patch_nums {vae_cfg.patch_nums} x downsample {vae_cfg.downsample} make "
+                             f"{vae_cfg.image_size}px images, but data.image_size is {cfg.data.image_size}")
+        job = TokenizerJob(cfg, vae_cfg, dataset, accelerator.device)
+    elif args.job == "dd":
+        from var.dd_job import build_dd_job
+
+        job = build_dd_job(cfg, model_table, args.config, accelerator.device, accelerator.is_main_process)
+    else:
+        from var.checkpoint import load_any
+        from var.train_job import VARJob
+
+        if not cfg.train.tokenizer:
+            raise ValueError("the var job needs train.tokenizer = path of the trained tokenizer")
+        vae = load_any(cfg.train.tokenizer, "vqvae")
+        var_cfg = build_var_config(model_table, vae, len(getattr(dataset, "classes", [])), f"{args.config}[var]")
+        job = VARJob(cfg, var_cfg, dataset, accelerator.device, accelerator.is_main_process)
+    path = Trainer(cfg, job, accelerator).train(resume=args.resume)
+    if accelerator.is_main_process:
+        print(f"exported {path}")
+    return path
+
+
+if __name__ == "__main__":
+    main()
