@@ -21,27 +21,50 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def model_card_markdown(card: dict) -> str:
-    lines = []
-    tok = card.get("tokenizer", {})
-    if tok:
-        lines += ["| tokenizer | value |", "|---|---|"]
-        lines += [f"| {k.replace('_', ' ')} | {_fmt(v)} |" for k, v in tok.items()]
-        lines.append("")
-    for name, info in card.get("var", {}).items():
-        lines += [f"**{name}**: " + ", ".join(f"{k.replace('_', ' ')} {_fmt(v)}" for k, v in info.items()
-                                               if not isinstance(v, (list, dict))), ""]
-        per_scale = info.get("token_accuracy_per_scale")
-        if per_scale:
-            lines += ["| scale | " + " | ".join(str(i) for i in range(len(per_scale))) + " |",
-                      "|---" * (len(per_scale) + 1) + "|",
-                      "| token accuracy | " + " | ".join(f"{a:.3f}" for a in per_scale) + " |", ""]
-    return "\n".join(lines)
+    """checkpoints/fmnist/model_card.json (written by `python -m var.model_card`) as README tables."""
+    tok, ds = card["tokenizer"], card["dataset"]
+    per_scale = lambda values: " / ".join(f"{v:.3g}" for v in values)  # noqa: E731
+    lines = [f"{ds['name']} {ds['split']} set, {ds['images']} images, scales {tok['patch_nums']}.", "",
+             "| tokenizer | value |", "|---|---|",
+             f"| reconstruction PSNR | {tok['psnr_db']:.2f} dB |",
+             f"| codebook usage per scale (of {tok['vocab_size']}) | {per_scale(tok['codebook_usage_per_scale'])} |",
+             f"| codebook usage, any scale | {tok['codebook_usage_any_scale']:.3f} |",
+             f"| code perplexity per scale | {per_scale(tok['perplexity_per_scale'])} |",
+             f"| file | {tok['bytes'] / 2**20:.1f} MiB |", "",
+             "| VAR | params | depth / width | token accuracy per scale (teacher-forced) | all scales | "
+             "proxy accuracy | proxy FD |", "|---|---|---|---|---|---|---|"]
+    for name, info in card["var"].items():
+        q = proxy_quality(name) or info.get("sample_quality") or {}
+        acc = q.get("classifier_accuracy")
+        fd = q.get("proxy_fd")
+        lines.append(f"| {name} | {info['num_params'] / 1e6:.2f} M | {info['config']['depth']} / "
+                     f"{info['config']['embed_dim']} | {per_scale(info['token_accuracy_per_scale'])} | "
+                     f"{info['token_accuracy_all']:.3f} | {'—' if acc is None else f'{100 * acc:.1f}%'} | "
+                     f"{'—' if fd is None else f'{fd:.2f}'} |")
+    cards = {name: proxy_quality(name) for name in card["var"]}
+    if any(cards.values()):
+        c = next(c for c in cards.values() if c)
+        lines += ["", f"Proxy columns: {c['num_samples']} samples ({c['per_class']} per class, default sampler, cfg "
+                      f"{c['cfg']}, top-k {c['top_k']}, seed {c['seed']}) scored by the offline Fashion-MNIST classifier "
+                      f"(`eval/`): its accuracy on the intended labels and the Fréchet distance in its features to the "
+                      f"real test set (real training images score {REAL_PROXY_FD}). From "
+                      + ", ".join(f"`checkpoints/fmnist/eval_card_{n}.json`" for n, v in cards.items() if v) + "."]
+    return "\n".join(lines) + "\n"
 
 
-def _fmt(v) -> str:
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return str(v)
+REAL_PROXY_FD = "0.70; the classifier's own test accuracy is 91.2%"
+
+
+def proxy_quality(name: str) -> dict | None:
+    """Proxy scores of a shipped VAR from its eval card (written by `sample.py --eval-card`)."""
+    path = REPO / "checkpoints" / "fmnist" / f"eval_card_{name}.json"
+    if not path.is_file():
+        return None
+    card = json.loads(path.read_text())
+    m, settings = card["evaluation"]["proxy"]["metrics"], card["sampling"]["settings"]
+    return {"classifier_accuracy": m["proxy_accuracy"], "proxy_fd": m["proxy_fd"], "num_samples": card["num_samples"],
+            "per_class": settings["per_class"], "cfg": settings["cfg"], "top_k": settings["top_k"],
+            "seed": settings["seed"]}
 
 
 BLOCKS = {
