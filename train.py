@@ -2,6 +2,7 @@
 
   python train.py tokenizer --config configs/fmnist_tokenizer.toml
   python train.py var --config configs/fmnist_var_drafter.toml --set train.steps=200
+  python train.py code_refiner --config configs/fmnist_code_refiner.toml   # CoDe: distil the refiner for N scales
   python train.py dd --config configs/fmnist_dd.toml   # distilled-decoding student (dataset: python -m var.dd_data)
   accelerate launch --multi_gpu --num_processes 8 train.py var --config ...   # any number of GPUs / nodes
   CUDA_VISIBLE_DEVICES= accelerate launch --multi_gpu --num_processes 2 train.py var --config ...  # CPU, gloo
@@ -10,8 +11,9 @@
 The config file has tables [data], [optim], [train] (+ [loss] for tokenizers) and the model table:
 [tokenizer] (a VQVAEConfig) for the tokenizer job, [var] (a VARConfig, `size = "var_d16"` allowed) for
 the VAR job, whose vocabulary, latent width and scale list come from the frozen tokenizer and whose
-class count comes from the dataset; [dd] (var.dd_data.DDConfig: teacher, dataset, schedule) for the dd job. `--set table.key=value` overrides any value (TOML syntax; bare
-strings need no quotes). `--resume` may change steps, logging and paths, nothing else.
+class count comes from the dataset; [dd] (var.dd_data.DDConfig: teacher, dataset, schedule) for the dd job;
+code_drafter / code_refiner (CoDe) take a VAR config plus [code] (draft_scales, teacher, kd_temperature,
+lambda_steps). `--set table.key=value` overrides any value (TOML syntax; bare strings need no quotes). `--resume` may change steps, logging and paths, nothing else.
 """
 from __future__ import annotations
 
@@ -48,11 +50,12 @@ def load_train_config(job: str, path: str, overrides: list[str]) -> tuple[TrainC
             table = table.setdefault(k, {})
         table[keys[-1]] = value
     model_table = {"tokenizer": "tokenizer", "dd": "dd"}.get(job, "var")
-    unknown = sorted(set(raw) - set(TABLES) - {model_table})
+    job_tables = {"code"} if job.startswith("code_") else set()  # CoDe jobs: [code] (var.code_training.CoDeTrainConfig)
+    unknown = sorted(set(raw) - set(TABLES) - {model_table} - job_tables)
     if unknown:
         raise KeyError(f"{path}: unknown table(s) {unknown} for the {job} job; valid: {sorted(TABLES) + [model_table]}")
     parts = {name: from_dict(cls, raw.get(name, {}), f"{path}[{name}]") for name, cls in TABLES.items()}
-    cfg = TrainConfig(job=job, **parts)
+    cfg = TrainConfig(job=job, **parts, code=dict(raw.get("code", {})))
     if model_table not in raw:
         raise KeyError(f"{path}: missing the [{model_table}] table describing the model")
     return cfg, dict(raw[model_table])
@@ -74,7 +77,8 @@ def build_var_config(table: dict, vae, num_classes: int | None, where: str) -> V
 
 def main(argv: list[str] | None = None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("job", choices=["tokenizer", "var", "dd"], help="what to train")
+    parser.add_argument("job", choices=["tokenizer", "var", "dd", "code_drafter", "code_refiner"],
+                        help="what to train (code_*: CoDe fine-tuning of a drafter / distillation of a refiner)")
     parser.add_argument("--config", required=True, help="TOML file (see configs/)")
     parser.add_argument("--set", action="append", default=[], metavar="TABLE.KEY=VALUE",
                         help="override a config value, e.g. --set train.steps=100 (repeatable)")
@@ -107,10 +111,17 @@ def main(argv: list[str] | None = None):
         from var.train_job import VARJob
 
         if not cfg.train.tokenizer:
-            raise ValueError("the var job needs train.tokenizer = path of the trained tokenizer")
+            raise ValueError(f"the {args.job} job needs train.tokenizer = path of the trained tokenizer")
         vae = load_any(cfg.train.tokenizer, "vqvae")
         var_cfg = build_var_config(model_table, vae, len(getattr(dataset, "classes", [])), f"{args.config}[var]")
-        job = VARJob(cfg, var_cfg, dataset, accelerator.device, accelerator.is_main_process)
+        if not args.job.startswith("code_"):
+            job = VARJob(cfg, var_cfg, dataset, accelerator.device, accelerator.is_main_process)
+        else:
+            from var.code_training import JOBS, CoDeTrainConfig
+
+            code = from_dict(CoDeTrainConfig, cfg.code, f"{args.config}[code]")
+            job = JOBS[args.job.removeprefix("code_")](cfg, var_cfg, dataset, accelerator.device,
+                                                       accelerator.is_main_process, code)
     path = Trainer(cfg, job, accelerator).train(resume=args.resume)
     if accelerator.is_main_process:
         print(f"exported {path}")

@@ -231,7 +231,7 @@ def test_code_jobs_run_with_the_standard_trainer(tmp_path):
     import json
 
     from var.checkpoint import load_model, save_model
-    from var.code_training import main as code_main
+    import train
 
     toy_pn = (1, 2, 3, 4)
     torch.manual_seed(0)
@@ -247,7 +247,7 @@ def test_code_jobs_run_with_the_standard_trainer(tmp_path):
     init, teacher = saved_var("init.safetensors", 1, 2), saved_var("teacher.safetensors", 2, 3)
     cfg = tmp_path / "job.toml"
     cfg.write_text(JOB_TOML.format(tok=tok, init=init, out=tmp_path / "d"))
-    code_main(["drafter", "--config", str(cfg), "--draft-scales", "2"])
+    train.main(["code_drafter", "--config", str(cfg), "--set", "code.draft_scales=2"])
     before, after = load_model(init).state_dict(), load_model(tmp_path / "d" / "var_drafter.safetensors").state_dict()
     # scales >= N get no gradient at all: their level rows and positional rows (positions 5..29) stay bitwise
     assert torch.equal(after["lvl_embed.weight"][2:], before["lvl_embed.weight"][2:])
@@ -256,9 +256,12 @@ def test_code_jobs_run_with_the_standard_trainer(tmp_path):
     assert not torch.equal(after["pos_1LC"][:, :5], before["pos_1LC"][:, :5])
 
     cfg.write_text(JOB_TOML.format(tok=tok, init=init, out=tmp_path / "r"))
-    code_main(["refiner", "--config", str(cfg), "--draft-scales", "2", "--teacher", str(teacher)])
+    train.main(["code_refiner", "--config", str(cfg), "--set", "code.draft_scales=2", "--set", f"code.teacher={teacher}"])
     log = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
     assert [r["kd_lambda"] for r in log] == [1.0, 0.5] and all(r["loss"] > 0 for r in log)
     assert (tmp_path / "r" / "var_refiner.safetensors").exists()
     with pytest.raises(ValueError, match="teacher"):
-        code_main(["refiner", "--config", str(cfg), "--draft-scales", "2", "--set", f"train.out_dir={tmp_path / 'x'}"])
+        train.main(["code_refiner", "--config", str(cfg), "--set", "code.draft_scales=2",
+                    "--set", f"train.out_dir={tmp_path / 'x'}"])
+    with pytest.raises(KeyError, match="unknown key"):
+        train.main(["code_drafter", "--config", str(cfg), "--set", "code.draft_scale=2"])

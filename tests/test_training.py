@@ -387,12 +387,15 @@ def test_non_finite_loss_stops_with_step_and_checkpoint(tmp_path, tiny_tokenizer
 
 
 TRAINING_CONFIGS = ["fmnist_tokenizer.toml", "fmnist_var_drafter.toml", "fmnist_var_refiner.toml",
-                    "finetune_official_vqvae.toml"]
+                    "finetune_official_vqvae.toml", "fmnist_code_refiner.toml"]
 
 
 @pytest.mark.parametrize("path", [REPO / "configs" / name for name in TRAINING_CONFIGS], ids=lambda p: p.name)
 def test_shipped_configs_parse(path):
     raw = train.load_toml(path)
-    job = "tokenizer" if "tokenizer" in raw and "var" not in raw else "var"
+    job = "tokenizer" if "tokenizer" in raw and "var" not in raw else "code_refiner" if "code" in raw else "var"
     cfg, model_table = train.load_train_config(job, str(path), [])
     assert cfg.job == job and model_table
+    if job == "code_refiner":
+        from var.code_training import CoDeTrainConfig
+        assert train.from_dict(CoDeTrainConfig, cfg.code).draft_scales == 4

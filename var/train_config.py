@@ -109,3 +109,4 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: RunConfig = field(default_factory=RunConfig)
     loss: TokenizerLossConfig = field(default_factory=TokenizerLossConfig)
+    code: dict = field(default_factory=dict)  # [code] of CoDe jobs, validated as var.code_training.CoDeTrainConfig
