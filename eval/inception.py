@@ -16,7 +16,6 @@ Outputs, from one forward pass:
 """
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import torch
@@ -24,6 +23,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 from torchvision.models.inception import BasicConv2d, InceptionA, InceptionB, InceptionC, InceptionD, InceptionE
+
+from var.atomic import file_sha256
 
 FID_WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
 FID_WEIGHTS_HELP = (
@@ -146,12 +147,6 @@ class InceptionFeatures(nn.Module):
         return self.net((2 * x - 1).contiguous(memory_format=self.memory_format))
 
 
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def load_fid_inception(path: str | Path | None) -> tuple[FIDInceptionV3, str]:

@@ -99,7 +99,7 @@ def save_classifier(path: str | Path, model: ProxyClassifier, record: dict | Non
 
 
 def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> ProxyClassifier:
-    from eval.inception import file_sha256
+    from var.atomic import file_sha256
 
     path = Path(path)
     if not path.is_file():

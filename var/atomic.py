@@ -1,7 +1,9 @@
-"""Atomic file writes: write to a temp file in the target folder, then rename over the target, so an
-interrupted run never leaves a truncated file behind (the old file or the new one, nothing else)."""
+"""File helpers. Atomic writes: write to a temp file in the target folder, then rename over the target, so
+an interrupted run never leaves a truncated file behind (the old file or the new one, nothing else).
+Content hashes: tie results to the exact weights they were computed with."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -39,3 +41,11 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 def atomic_write_json(path: str | Path, obj, indent: int = 2, default=None) -> Path:
     """`default` converts objects json cannot (e.g. numpy scalars), as in json.dumps."""
     return atomic_write_text(path, json.dumps(obj, indent=indent, default=default) + "\n")
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

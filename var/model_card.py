@@ -17,7 +17,6 @@ Definitions (all on the whole split, images as the models see them: 32x32, [-1, 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import platform
 from pathlib import Path
@@ -27,17 +26,11 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from samplers.default import DefaultSampler
-from var.atomic import atomic_write_json
+from var.atomic import atomic_write_json, file_sha256
 from var.checkpoint import load_model, read_metadata
 from var.images import grid_image, save_png_atomic
 
 
-def sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @torch.no_grad()
@@ -154,13 +147,13 @@ def main(argv: list[str] | None = None) -> dict:
                         "classes": read_metadata(args.tokenizer)["extra"].get("classes", [])},
             "tokenizer": {"file": args.tokenizer, "bytes": Path(args.tokenizer).stat().st_size, **tok_stats},
             "var": {}, "training": {name: training_summary(path) for name, path in logs.items()},
-            "sha256": {"tokenizer": sha256(args.tokenizer)},
+            "sha256": {"tokenizer": file_sha256(args.tokenizer)},
             "environment": {"torch": torch.__version__, "python": platform.python_version(),
                             "threads": torch.get_num_threads()}}
     for i, (name, path) in enumerate(named_paths(args.var, "var").items()):
         var = load_model(path, "var").eval()
         entry = {"file": path, "bytes": Path(path).stat().st_size, **var_metrics(var, vae, tokens, labels)}
-        card["sha256"][name] = sha256(path)
+        card["sha256"][name] = file_sha256(path)
         png = args.samples if i == 0 else (str(Path(args.samples_extra) / f"samples_{name}.png") if args.samples_extra else "")
         if png:
             entry["samples"] = sample_grid(var, vae, png, args.per_class, args.cfg, args.seed, args.top_k)

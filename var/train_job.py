@@ -1,7 +1,6 @@
 """VAR training job: teacher forcing on tokens of a frozen tokenizer, uniform per-token cross-entropy."""
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import torch
@@ -11,7 +10,7 @@ from tqdm import tqdm
 
 from samplers import check_models_compatible
 from samplers.default import DefaultSampler
-from var.atomic import atomic_write
+from var.atomic import atomic_write, file_sha256
 from var.checkpoint import load_any, load_state_dict_checked, save_model
 from var.config import VARConfig
 from var.images import grid_image
@@ -19,12 +18,6 @@ from var.model import VAR
 from var.train_config import TrainConfig
 
 
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class VARJob:
