@@ -24,11 +24,12 @@ from tokenizers import VQVAE, VQVAEConfig
 from tokenizers.config import official_vqvae_config
 from var.atomic import atomic_write
 from var.config import VARConfig, from_dict
+from var.dd_student import DDStudent, DDStudentConfig
 from var.model import VAR
 
 FORMAT_NAME = "var-toolkit"
 FORMAT_VERSION = 1
-KINDS = {"vqvae": (VQVAE, VQVAEConfig), "var": (VAR, VARConfig)}
+KINDS = {"vqvae": (VQVAE, VQVAEConfig), "var": (VAR, VARConfig), "dd_student": (DDStudent, DDStudentConfig)}
 
 
 class CheckpointMismatchError(RuntimeError):
@@ -94,9 +95,10 @@ def load_state_dict_checked(model: nn.Module, state_dict: dict[str, torch.Tensor
 def save_model(path: str | Path, model: VQVAE | VAR, extra: dict | None = None) -> Path:
     """Write `model` (weights + config + format version) to one safetensors file, atomically."""
     path = Path(path)
-    kind = "vqvae" if isinstance(model, VQVAE) else "var" if isinstance(model, VAR) else None
+    kind = ("vqvae" if isinstance(model, VQVAE) else "var" if isinstance(model, VAR)
+            else "dd_student" if isinstance(model, DDStudent) else None)
     if kind is None:
-        raise TypeError(f"save_model takes a VQVAE or VAR, got {type(model).__name__}")
+        raise TypeError(f"save_model takes a VQVAE, VAR or DDStudent, got {type(model).__name__}")
     # clone: safetensors refuses tensors sharing storage, and views must not drag their whole storage along
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
     meta = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION), "kind": kind,
@@ -134,7 +136,7 @@ def load_model(path: str | Path, kind: str | None = None, device: str | torch.de
         raise CheckpointMismatchError(f"{path} holds a {meta['kind']} checkpoint, but a {kind} was expected")
     model_cls, config_cls = KINDS[meta["kind"]]
     config = from_dict(config_cls, meta["config"], f"{path} config")
-    model = model_cls(config, init=False) if model_cls is VAR else model_cls(config)
+    model = model_cls(config, init=False) if model_cls in (VAR, DDStudent) else model_cls(config)
     with safe_open(str(path), framework="pt", device="cpu") as fh:
         state_dict = {k: fh.get_tensor(k) for k in fh.keys()}
     load_state_dict_checked(model, state_dict, str(path))
@@ -194,6 +196,12 @@ def load_official_var(path: str | Path, patch_nums=None, device="cpu") -> VAR:
     var = VAR(config, init=False)
     load_state_dict_checked(var, sd, str(path))
     return var.to(device).eval()
+
+
+def checkpoint_kind(path: str | Path) -> str:
+    """The model kind a checkpoint holds: ours say it in their metadata; official files are VARs unless given
+    as a tokenizer."""
+    return read_metadata(path)["kind"] if Path(path).suffix == ".safetensors" else "var"
 
 
 def load_any(path: str | Path, kind: str, device="cpu", patch_nums=None):
