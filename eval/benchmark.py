@@ -160,7 +160,8 @@ def run(args) -> dict:
                         "machine": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
                         "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
                         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-                        "models": {"var": args.official_shape or args.var, "vae": None if args.official_shape else args.vae,
+                        "models": {"var": args.official_shape or _shown(args.var),
+                                   "vae": None if args.official_shape else _shown(args.vae),
                                    **{k: v for k, v in (m.split("=", 1) for m in args.model)}},
                         "sampling": sample_kwargs, "warmup": args.warmup, "repeats": args.repeats,
                         "seed": args.seed, "autocast_bf16": autocast},
@@ -213,6 +214,12 @@ def run(args) -> dict:
         results["reference"] = time_reference_loop(args.reference_checkout, var, vae, batch_sizes, sample_kwargs,
                                                    args.warmup, args.repeats, device, results["rows"])
     return results
+
+
+def _shown(path: str) -> str:
+    """Paths inside the repository are recorded relative to it, so committed results do not name a machine."""
+    p = Path(path).resolve()
+    return str(p.relative_to(SHIPPED.parents[1])) if p.is_relative_to(SHIPPED.parents[1]) else path
 
 
 def _jsonable(obj):
