@@ -69,6 +69,7 @@ def proxy_quality(name: str) -> dict | None:
 
 BLOCKS = {
     "bench": (REPO / "eval" / "results" / "benchmark_fmnist.json", markdown_table),
+    "bench-sjd-dd": (REPO / "eval" / "results" / "benchmark_fmnist_sjd_dd.json", markdown_table),
     "bench-official": (REPO / "eval" / "results" / "benchmark_d16.json", markdown_table),
     "model-card": (REPO / "checkpoints" / "fmnist" / "model_card.json", model_card_markdown),
 }
