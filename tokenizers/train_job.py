@@ -23,9 +23,10 @@ from tokenizers.config import VQVAEConfig
 from tokenizers.losses import PatchDiscriminator, VGGPerceptual, adaptive_gan_weight, hinge_d_loss
 from tokenizers.vqvae import VQVAE
 from var.images import grid_image
+from var.trainer import TrainJob
 
 
-class TokenizerJob:
+class TokenizerJob(TrainJob):
     export_name = "tokenizer"
 
     def __init__(self, cfg, vae_config: VQVAEConfig, dataset, device: torch.device):
@@ -57,12 +58,9 @@ class TokenizerJob:
         return [build_adamw(self.disc, optim_cfg, lr_ratio=self.lcfg.disc_lr_ratio, decay_groups=False)]
 
     def set_prepared(self, models) -> None:
-        self.model = models[0]
+        super().set_prepared(models)
         if self.disc is not None:
             self.disc = models[1]
-
-    def all_models(self) -> list[nn.Module]:
-        return [self.model] + self.extra_models()
 
     def fetch(self, indices: list[int], device: torch.device) -> torch.Tensor:
         return torch.stack([self.dataset[i][0] for i in indices]).to(device)

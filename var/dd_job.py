@@ -16,7 +16,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from samplers.base import check_models_compatible
 from var.checkpoint import load_any, save_model
@@ -24,6 +23,7 @@ from var.dd_data import DDConfig, DDDataset, model_fingerprint
 from var.dd_student import DDStudent
 from var.images import grid_image
 from var.train_config import TrainConfig
+from var.trainer import TrainJob
 
 
 def dd_loss(forward, student: DDStudent, codebook_VC: torch.Tensor, labels_B: torch.Tensor, noise_BLC: torch.Tensor,
@@ -81,7 +81,7 @@ def evaluate_pairs(student: DDStudent, codebook_VC: torch.Tensor, data: DDDatase
     return out
 
 
-class DDJob:
+class DDJob(TrainJob):
     export_name = "dd_student"
 
     def __init__(self, cfg: TrainConfig, dd: DDConfig, device: torch.device, main_process: bool = True):
@@ -111,18 +111,6 @@ class DDJob:
     # ---- job interface (see var/trainer.py) ---------------------------------------------------------------
     def num_items(self) -> int:
         return len(self.data)
-
-    def extra_models(self) -> list[nn.Module]:
-        return []
-
-    def extra_optimizers(self, optim_cfg) -> list:
-        return []
-
-    def set_prepared(self, models) -> None:
-        self.model = models[0]
-
-    def all_models(self) -> list[nn.Module]:
-        return [self.model]
 
     def fetch(self, indices: list[int], device: torch.device):
         return self.data.fetch(indices, device)

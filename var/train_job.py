@@ -5,7 +5,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 from tqdm import tqdm
 
 from samplers import check_models_compatible
@@ -16,11 +15,12 @@ from var.config import VARConfig
 from var.images import grid_image
 from var.model import VAR
 from var.train_config import TrainConfig
+from var.trainer import TrainJob
 
 
 
 
-class VARJob:
+class VARJob(TrainJob):
     export_name = "var"
 
     def __init__(self, cfg: TrainConfig, var_config: VARConfig, dataset, device: torch.device, main_process: bool):
@@ -43,18 +43,6 @@ class VARJob:
     # ---- job interface ----------------------------------------------------------------------------
     def num_items(self) -> int:
         return len(self.dataset)
-
-    def extra_models(self) -> list[nn.Module]:
-        return []
-
-    def extra_optimizers(self, optim_cfg) -> list:
-        return []
-
-    def set_prepared(self, models) -> None:
-        self.model = models[0]
-
-    def all_models(self) -> list[nn.Module]:
-        return [self.model]
 
     def fetch(self, indices: list[int], device: torch.device):
         if self.tokens is not None:

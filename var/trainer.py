@@ -51,7 +51,28 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
 def resume_relevant(cfg: dict) -> dict:
     """The settings a resumed run must share with the run it continues (steps, logging and paths may change)."""
     return {"job": cfg["job"], "data": cfg["data"], "optim": cfg["optim"], "loss": cfg["loss"],
-            "seed": cfg["train"]["seed"], "label_smoothing": cfg["train"]["label_smoothing"]}
+            "code": cfg.get("code", {}), "seed": cfg["train"]["seed"],
+            "label_smoothing": cfg["train"]["label_smoothing"]}
+
+
+class TrainJob:
+    """What the Trainer drives. Subclasses set `self.model` and implement num_items, fetch, loss (and
+    usually after_step, sample_grid, export); jobs with auxiliary networks (a GAN discriminator) override
+    the extra_* methods."""
+
+    model: torch.nn.Module
+
+    def extra_models(self) -> list[torch.nn.Module]:
+        return []
+
+    def extra_optimizers(self, optim_cfg) -> list:
+        return []
+
+    def set_prepared(self, models) -> None:
+        self.model = models[0]
+
+    def all_models(self) -> list[torch.nn.Module]:
+        return [self.model] + self.extra_models()
 
 
 class Trainer:
