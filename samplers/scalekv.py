@@ -14,7 +14,6 @@ from __future__ import annotations
 import torch
 
 from samplers.base import Sampler, SamplerStats, register_sampler
-from samplers.calibration import load_calibration
 from samplers.kv_compression import (KVPolicy, SelectionPolicy, WindowPolicy, budget_tokens, scale_lengths,
                                      uniform_budget, window_size)
 from samplers.staged import new_state, run_scales
@@ -92,6 +91,8 @@ def build_policy(kind: str, model: VAR, budget_frac: float, calibration: str | N
     if not calibration:
         raise ValueError("the 'scalekv' policy needs a calibration file for this model (see "
                          "`python -m samplers.calibration --help`); use 'snapkv' for uniform budgets without one")
+    # imported here, not at module level: `python -m samplers.calibration` must not find itself pre-imported
+    from samplers.calibration import load_calibration
     drafters = load_calibration(calibration, model)["drafter_mask"]
     return SelectionPolicy(scalekv_budget(drafters, budget, refiner_start, refiner_decay), "scalekv", score,
                            pooling, per_head=per_head)
