@@ -33,5 +33,14 @@ def make_tiny_pair(seed: int = 0, patch_nums=(1, 2, 3, 4), vocab_size: int = 32,
 
 
 @pytest.fixture
+def one_thread():
+    """Run a test on one torch thread (statistical and speed-sensitive tests), then restore the setting."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
 def tiny_pair():
     return make_tiny_pair()

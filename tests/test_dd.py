@@ -18,12 +18,7 @@ from var.dd_job import dd_loss, evaluate_pairs
 from var.dd_student import DDStudent, DDStudentConfig, level_sibling_mask
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: deterministic, uncontended CPU runs
 
 
 @pytest.fixture(scope="module")

@@ -12,12 +12,7 @@ from samplers import build_sampler
 from samplers.flow_map import FlowMapConfig, flow_map
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: deterministic, uncontended CPU runs
 
 
 def random_law(V: int, zeros: int, gen: torch.Generator) -> torch.Tensor:

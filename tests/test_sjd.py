@@ -24,6 +24,8 @@ from samplers.sjd_engine import BlockSJD, BlockTarget, Draft, DraftSource, SJDSe
 from samplers.speculative import AcceptRule, derive_generator, multinomial_rows, verify_block
 from conftest import make_tiny_pair
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: deterministic, uncontended CPU runs
+
 N_TOY = 200_000
 
 
@@ -125,13 +127,6 @@ class ToyDrafter(DraftSource):
 
 # ---- exactness on the toy -----------------------------------------------------------------------------
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
