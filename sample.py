@@ -28,8 +28,8 @@ from PIL import Image
 
 from samplers import available_samplers, build_sampler, sampler_class
 from samplers.cli import SHIPPED, load_models, models_for, parse_sampler_args
-from var.atomic import atomic_write, atomic_write_json
-from var.checkpoint import read_metadata
+from training.atomic import atomic_write, atomic_write_json
+from training.checkpoint import read_metadata
 
 REPO = Path(__file__).resolve().parent
 SEED_STRIDE = 2**32  # seeds of different base seeds never collide for fewer than 2**32 images

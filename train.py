@@ -3,7 +3,7 @@
   python train.py tokenizer --config configs/fmnist_tokenizer.toml
   python train.py var --config configs/fmnist_var_drafter.toml --set train.steps=200
   python train.py code_refiner --config configs/fmnist_code_refiner.toml   # CoDe: distil the refiner for N scales
-  python train.py dd --config configs/fmnist_dd.toml   # distilled-decoding student (dataset: python -m var.dd_data)
+  python train.py dd --config configs/fmnist_dd.toml   # distilled-decoding student (dataset: python -m samplers.dd.data)
   accelerate launch --multi_gpu --num_processes 8 train.py var --config ...   # any number of GPUs / nodes
   CUDA_VISIBLE_DEVICES= accelerate launch --multi_gpu --num_processes 2 train.py var --config ...  # CPU, gloo
   python train.py var --config ... --resume                          # continue the run in train.out_dir
@@ -11,7 +11,7 @@
 The config file has tables [data], [optim], [train] (+ [loss] for tokenizers) and the model table:
 [tokenizer] (a VQVAEConfig) for the tokenizer job, [var] (a VARConfig, `size = "var_d16"` allowed) for
 the VAR job, whose vocabulary, latent width and scale list come from the frozen tokenizer and whose
-class count comes from the dataset; [dd] (var.dd_data.DDConfig: teacher, dataset, schedule) for the dd job;
+class count comes from the dataset; [dd] (samplers.dd.data.DDConfig: teacher, dataset, schedule) for the dd job;
 code_drafter / code_refiner (CoDe) take a VAR config plus [code] (draft_scales, teacher, kd_temperature,
 lambda_steps). `--set table.key=value` overrides any value (TOML syntax; bare strings need no quotes). `--resume` may change steps, logging and paths, nothing else.
 """
@@ -23,9 +23,10 @@ import tomllib
 
 import torch
 
+from samplers import DefaultSampler
 from tokenizers.config import VQVAEConfig
 from var.config import VARConfig, from_dict, load_toml, var_config
-from var.train_config import DataConfig, OptimConfig, RunConfig, TokenizerLossConfig, TrainConfig
+from training.config import DataConfig, OptimConfig, RunConfig, TokenizerLossConfig, TrainConfig
 
 TABLES = {"data": DataConfig, "optim": OptimConfig, "train": RunConfig, "loss": TokenizerLossConfig}
 
@@ -50,7 +51,7 @@ def load_train_config(job: str, path: str, overrides: list[str]) -> tuple[TrainC
             table = table.setdefault(k, {})
         table[keys[-1]] = value
     model_table = {"tokenizer": "tokenizer", "dd": "dd"}.get(job, "var")
-    job_tables = {"code"} if job.startswith("code_") else set()  # CoDe jobs: [code] (var.code_training.CoDeTrainConfig)
+    job_tables = {"code"} if job.startswith("code_") else set()  # CoDe jobs: [code] (samplers.code.training.CoDeTrainConfig)
     unknown = sorted(set(raw) - set(TABLES) - {model_table} - job_tables)
     if unknown:
         raise KeyError(f"{path}: unknown table(s) {unknown} for the {job} job; valid: {sorted(TABLES) + [model_table]}")
@@ -75,6 +76,11 @@ def build_var_config(table: dict, vae, num_classes: int | None, where: str) -> V
     return from_dict(VARConfig, merged, where)
 
 
+def default_sample_images(model, vae, labels, cfg: float):
+    """Periodic training grids: the default sampler with a fixed seed (comparable over steps)."""
+    return DefaultSampler(model, vae).sample(labels, cfg=cfg, seed=0).images
+
+
 def main(argv: list[str] | None = None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("job", choices=["tokenizer", "var", "dd", "code_drafter", "code_refiner"],
@@ -85,8 +91,8 @@ def main(argv: list[str] | None = None):
     parser.add_argument("--resume", action="store_true", help="continue the run found in train.out_dir")
     args = parser.parse_args(argv)
 
-    from var.data import build_dataset
-    from var.trainer import Trainer, make_accelerator
+    from training.data import build_dataset
+    from training.trainer import Trainer, make_accelerator
 
     cfg, model_table = load_train_config(args.job, args.config, args.set)
     if cfg.train.num_threads > 0:
@@ -95,7 +101,7 @@ def main(argv: list[str] | None = None):
     dataset = build_dataset(cfg.data, seed=cfg.train.seed) if args.job != "dd" else None  # dd reads its own data
     accelerator = make_accelerator(cfg)
     if args.job == "tokenizer":
-        from tokenizers.train_job import TokenizerJob
+        from training.tokenizer_job import TokenizerJob
 
         vae_cfg = from_dict(VQVAEConfig, model_table, f"{args.config}[tokenizer]")
         if vae_cfg.image_size != cfg.data.image_size:
@@ -103,25 +109,25 @@ def main(argv: list[str] | None = None):
                              f"{vae_cfg.image_size}px images, but data.image_size is {cfg.data.image_size}")
         job = TokenizerJob(cfg, vae_cfg, dataset, accelerator.device)
     elif args.job == "dd":
-        from var.dd_job import build_dd_job
+        from samplers.dd.job import build_dd_job
 
         job = build_dd_job(cfg, model_table, args.config, accelerator.device, accelerator.is_main_process)
     else:
-        from var.checkpoint import load_any
-        from var.train_job import VARJob
+        from training.checkpoint import load_any
+        from training.var_job import VARJob
 
         if not cfg.train.tokenizer:
             raise ValueError(f"the {args.job} job needs train.tokenizer = path of the trained tokenizer")
         vae = load_any(cfg.train.tokenizer, "vqvae")
         var_cfg = build_var_config(model_table, vae, len(getattr(dataset, "classes", [])), f"{args.config}[var]")
         if not args.job.startswith("code_"):
-            job = VARJob(cfg, var_cfg, dataset, accelerator.device, accelerator.is_main_process)
+            job = VARJob(cfg, var_cfg, dataset, accelerator.device, accelerator.is_main_process, default_sample_images)
         else:
-            from var.code_training import JOBS, CoDeTrainConfig
+            from samplers.code.training import JOBS, CoDeTrainConfig
 
             code = from_dict(CoDeTrainConfig, cfg.code, f"{args.config}[code]")
             job = JOBS[args.job.removeprefix("code_")](cfg, var_cfg, dataset, accelerator.device,
-                                                       accelerator.is_main_process, code)
+                                                       accelerator.is_main_process, code, default_sample_images)
     path = Trainer(cfg, job, accelerator).train(resume=args.resume)
     if accelerator.is_main_process:
         print(f"exported {path}")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from eval.fid import build_parser, run
 from eval.proxy import write_json_atomic
-from var.atomic import atomic_write_text
+from training.atomic import atomic_write_text
 
 METRIC_LABELS = {
     "fid": "FID", "sfid": "sFID", "is": "Inception Score", "is_std": "IS std", "precision": "Precision (k=3)",

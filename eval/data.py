@@ -17,7 +17,7 @@ from typing import Iterator
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from var.atomic import atomic_write
+from training.atomic import atomic_write
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 STATS_FORMAT = "var-toolkit-ref-stats"
@@ -143,8 +143,8 @@ def open_images(path: str | Path, labels_path: str | Path | None = None) -> Imag
 
 def fashion_mnist_uint8(root: str | Path, split: str, image_size: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """A Fashion-MNIST split as uint8 (N, S, S, 3), centre-padded with the background exactly like
-    var.data.FashionMNIST lays out the images the tokenizer is trained on (and therefore reproduces)."""
-    from var.data import FashionMNIST
+    training.data.FashionMNIST lays out the images the tokenizer is trained on (and therefore reproduces)."""
+    from training.data import FashionMNIST
 
     ds = FashionMNIST(root, split, image_size)
     n, h, w = ds.images.shape

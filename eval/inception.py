@@ -24,7 +24,7 @@ from einops import rearrange
 from torch import nn
 from torchvision.models.inception import BasicConv2d, InceptionA, InceptionB, InceptionC, InceptionD, InceptionE
 
-from var.atomic import file_sha256
+from training.atomic import file_sha256
 
 FID_WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
 FID_WEIGHTS_HELP = (
@@ -128,7 +128,7 @@ class InceptionFeatures(nn.Module):
         super().__init__()
         self.net = net if net is not None else FIDInceptionV3()
         self.weights_sha256 = weights_sha256
-        # NHWC lets oneDNN / cuDNN pick faster conv kernels (1.4x on CPU, see eval/results/bench_features_*.json);
+        # NHWC lets oneDNN / cuDNN pick faster conv kernels (1.4x on CPU, see benchmarks/results/bench_features_*.json);
         # features change only by float reassociation (~1e-5 absolute)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.net.to(memory_format=self.memory_format)

@@ -5,7 +5,7 @@ accuracy on the intended labels); they are not FID and are not comparable with a
 
 Input convention (the one every FeatureNetwork here follows): RGB float images in [0, 1], (B, 3, H, W) —
 what samplers and tokenizers produce. The classifier averages the channels (Fashion-MNIST is grayscale,
-replicated to 3 channels by var.data) and resizes to its training resolution when H, W differ.
+replicated to 3 channels by training.data) and resizes to its training resolution when H, W differ.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from var.atomic import atomic_write, atomic_write_json
+from training.atomic import atomic_write, atomic_write_json
 
 FORMAT_NAME = "var-toolkit-proxy-classifier"
 FORMAT_VERSION = 1
@@ -29,7 +29,7 @@ FORMAT_VERSION = 1
 @dataclass
 class ClassifierConfig:
     num_classes: int = 10
-    image_size: int = 32  # training resolution; Fashion-MNIST 28x28 centre-padded like var.data does
+    image_size: int = 32  # training resolution; Fashion-MNIST 28x28 centre-padded like training.data does
     widths: tuple[int, ...] = (32, 64, 128)  # conv stages, each ending in a 2x2 max-pool
     convs_per_stage: int = 1
     feature_dim: int = 128  # penultimate layer: the proxy's feature space
@@ -99,7 +99,7 @@ def save_classifier(path: str | Path, model: ProxyClassifier, record: dict | Non
 
 
 def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> ProxyClassifier:
-    from var.atomic import file_sha256
+    from training.atomic import file_sha256
 
     path = Path(path)
     if not path.is_file():

@@ -4,7 +4,7 @@
     python -m eval.ref_stats --images data/real_256/ --inception pt_inception-2015-12-05-6726825d.pth --out ref.npz
     # proxy statistics of the Fashion-MNIST test set
     python -m eval.ref_stats --fashion-mnist /usr/share/datasets/fashion-mnist \
-        --proxy-classifier eval/weights/fmnist_classifier.safetensors --out eval/results/fmnist_test_proxy.npz
+        --proxy-classifier eval/weights/fmnist_classifier.safetensors --out benchmarks/results/fmnist_test_proxy.npz
 
 The file records the network, its weights' sha256, the source and a content hash (printed at the end),
 which eval reports and cards quote to identify the reference exactly.

@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     from eval.fid import software_versions
     from eval.harness import pick_device
     from eval.proxy import write_json_atomic
-    from var.checkpoint import load_any
+    from training.checkpoint import load_any
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokenizer", required=True, help="our .safetensors or the official vae_ch160v4096z32.pth")

@@ -8,8 +8,8 @@ __all__ = ["Sampler", "SampleOutput", "SamplerStats", "DefaultSampler", "Editing
            "register_sampler", "check_models_compatible", "sampler_class"]
 
 # Accelerators register themselves on import.
-import samplers.code  # noqa: E402,F401  "code"
-import samplers.dd  # noqa: E402,F401  "dd" (and the "dd" Block-SJD draft source)
-import samplers.flow_map  # noqa: E402,F401  "flow"
-import samplers.scalekv  # noqa: E402,F401  "scalekv"
-import samplers.sjd  # noqa: E402,F401  "sjd"
+import samplers.code.sampler  # noqa: E402,F401  "code"
+import samplers.dd.sampler  # noqa: E402,F401  "dd" (and the "dd" Block-SJD draft source)
+import samplers.dd.flow_map  # noqa: E402,F401  "flow"
+import samplers.scalekv.sampler  # noqa: E402,F401  "scalekv"
+import samplers.sjd.sampler  # noqa: E402,F401  "sjd"

@@ -18,6 +18,7 @@ from samplers.logits_processing import (apply_temperature, cfg_strength, check_s
                                         gumbel_soft_codes, sample_from_logits, temperature_at,
                                         top_k_top_p_filter_)
 from tokenizers import VQVAE
+from training.checkpoint import check_models_compatible
 from var import VAR, KVCache
 
 _REGISTRY: dict[str, type["Sampler"]] = {}
@@ -81,20 +82,6 @@ class SampleOutput:
     # With sample(keep_logits=True): per scale, the raw (unguided) logits (2B, pn*pn, V) of the model that
     # produced the scale, conditional rows first. For checking, never needed to sample.
     raw_logits: list[torch.Tensor] | None = None
-
-
-def check_models_compatible(var: VAR, vae: VQVAE, what: str = "VAR") -> None:
-    problems = []
-    if var.config.vocab_size != vae.vocab_size:
-        problems.append(f"vocabulary size {var.config.vocab_size} vs tokenizer {vae.vocab_size}")
-    if var.config.z_channels != vae.z_channels:
-        problems.append(f"latent width (z_channels) {var.config.z_channels} vs tokenizer {vae.z_channels}")
-    if tuple(var.patch_nums) != tuple(vae.patch_nums):
-        problems.append(f"patch_nums {tuple(var.patch_nums)} vs tokenizer {tuple(vae.patch_nums)}")
-    if problems:
-        raise ValueError(f"{what} and tokenizer do not match: " + "; ".join(problems)
-                         + ". Load the tokenizer the model was trained with (its checkpoint config names it), "
-                           "or build the tokenizer with the model's patch_nums.")
 
 
 class Sampler(nn.Module):

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import torch
 
-from var.checkpoint import checkpoint_kind, load_any
+from training.checkpoint import checkpoint_kind, load_any
 
 SHIPPED = Path(__file__).resolve().parents[1] / "checkpoints" / "fmnist"
 

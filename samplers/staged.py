@@ -14,7 +14,7 @@ import torch
 from einops import rearrange
 
 from samplers.base import Sampler, SamplerStats
-from samplers.kv_compression import KVPolicy
+from samplers.scalekv.policies import KVPolicy
 from var import VAR, KVCache
 
 

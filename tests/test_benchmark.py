@@ -1,11 +1,11 @@
-"""eval/benchmark.py: one protocol, ratios against the default sampler from the same run."""
+"""benchmarks/benchmark.py: one protocol, ratios against the default sampler from the same run."""
 from __future__ import annotations
 
 import json
 
 from conftest import make_tiny_pair
 from eval import benchmark
-from var.checkpoint import save_model
+from training.checkpoint import save_model
 
 
 def test_benchmark_protocol_on_tiny_models(tmp_path):

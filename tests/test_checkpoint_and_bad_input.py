@@ -6,7 +6,7 @@ import torch
 
 from conftest import make_tiny_pair
 from samplers import build_sampler
-from var.checkpoint import (CheckpointMismatchError, load_any, load_model, load_official_vae, load_official_var,
+from training.checkpoint import (CheckpointMismatchError, load_any, load_model, load_official_vae, load_official_var,
                             read_metadata, save_model)
 
 
@@ -50,7 +50,7 @@ def test_mismatched_checkpoints_name_the_cause(tmp_path):
     var_b, _ = make_tiny_pair(seed=0, vocab_size=48)
     var_c, _ = make_tiny_pair(seed=0, patch_nums=(1, 2, 3, 5))
     save_model(tmp_path / "a.safetensors", var_a)
-    from var.checkpoint import load_state_dict_checked
+    from training.checkpoint import load_state_dict_checked
     with pytest.raises(CheckpointMismatchError, match="vocabulary size"):
         load_state_dict_checked(var_b, var_a.state_dict(), "a")
     with pytest.raises(CheckpointMismatchError, match="scale list"):

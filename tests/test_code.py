@@ -7,12 +7,12 @@ import torch
 from scipy.special import log_softmax as np_log_softmax, rel_entr
 
 from samplers import DefaultSampler, build_sampler
-from samplers.code import CoDeSampler
-from samplers.kv_compression import peak_cache_len, scale_lengths
+from samplers.code.sampler import CoDeSampler
+from samplers.scalekv.policies import peak_cache_len, scale_lengths
 from samplers.staged import GenerationState, conditions_for, embed_scales
 from tokenizers import VQVAE, VQVAEConfig
 from var import VAR
-from var.code_training import distillation_loss, drafter_loss, kd_lambda, scale_weights
+from samplers.code.training import distillation_loss, drafter_loss, kd_lambda, scale_weights
 from var.config import VARConfig
 
 PN = (1, 2, 3, 4, 5, 6)
@@ -230,7 +230,7 @@ num_threads = 1
 def test_code_jobs_run_with_the_standard_trainer(tmp_path):
     import json
 
-    from var.checkpoint import load_model, save_model
+    from training.checkpoint import load_model, save_model
     import train
 
     toy_pn = (1, 2, 3, 4)

@@ -8,14 +8,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import samplers.dd  # noqa: F401  (registers "dd" and the "dd" draft source)
+import samplers.dd.sampler  # noqa: F401  (registers "dd" and the "dd" draft source)
 from conftest import make_tiny_pair
 from samplers import build_sampler
-from samplers.dd import DDSampler, draw_noise
-from samplers.flow_map import FlowSampler
-from var.dd_data import DDConfig, DDDataset, generate, num_shards, sample_seed, shard_path
-from var.dd_job import dd_loss, evaluate_pairs
-from var.dd_student import DDStudent, DDStudentConfig, level_sibling_mask
+from samplers.dd.sampler import DDSampler, draw_noise
+from samplers.dd.flow_map import FlowSampler
+from samplers.dd.data import DDConfig, DDDataset, generate, num_shards, sample_seed, shard_path
+from samplers.dd.job import dd_loss, evaluate_pairs
+from samplers.dd.student import DDStudent, DDStudentConfig, level_sibling_mask
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: deterministic, uncontended CPU runs
@@ -287,9 +287,9 @@ class Interrupt(Exception):
 def test_train_py_dd_job_resumes_exactly_and_exports_a_loadable_student(tmp_path, pair, monkeypatch):
     import train
     from samplers.cli import load_models
-    from var.checkpoint import load_model, read_metadata, save_model
-    from var.dd_data import load_dd_config
-    from var.trainer import Trainer
+    from training.checkpoint import load_model, read_metadata, save_model
+    from samplers.dd.data import load_dd_config
+    from training.trainer import Trainer
 
     var, vae = pair
     save_model(tmp_path / "teacher.safetensors", var)

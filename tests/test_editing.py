@@ -80,7 +80,7 @@ def test_sample_cli_edit_mode(tmp_path, tiny_pair):
     from PIL import Image
 
     import sample
-    from var.checkpoint import save_model
+    from training.checkpoint import save_model
     var, vae = tiny_pair
     side = vae.config.image_size
     save_model(tmp_path / "var.safetensors", var)

@@ -101,7 +101,7 @@ def test_statistics_of_wrong_dimension_are_rejected(tmp_path):
 
 @pytest.mark.skipif(not FMNIST.is_dir(), reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
 def test_fashion_mnist_layout_matches_training_data():
-    from var.data import FashionMNIST
+    from training.data import FashionMNIST
 
     imgs, labels, _ = fashion_mnist_uint8(FMNIST, "test", 32)
     ds = FashionMNIST(FMNIST, "test", 32)

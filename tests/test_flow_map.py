@@ -6,10 +6,10 @@ import pytest
 import torch
 from scipy import stats
 
-import samplers.flow_map  # noqa: F401  (registers "flow")
+import samplers.dd.flow_map  # noqa: F401  (registers "flow")
 from conftest import make_tiny_pair
 from samplers import build_sampler
-from samplers.flow_map import FlowMapConfig, flow_map
+from samplers.dd.flow_map import FlowMapConfig, flow_map
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: deterministic, uncontended CPU runs

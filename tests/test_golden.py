@@ -17,7 +17,7 @@ from samplers.logits_processing import guide, cfg_strength, top_k_top_p_filter_
 from tokenizers import VQVAE, VQVAEConfig, phi_index_per_scale
 from tokenizers.quantizer import MultiScaleQuantizer
 from var import VAR, VARConfig
-from var.checkpoint import load_state_dict_checked
+from training.checkpoint import load_state_dict_checked
 
 GOLDEN = Path(__file__).resolve().parents[2] / "shared" / "reference" / "golden_tiny.pt"
 TOL = dict(atol=1e-4, rtol=1e-4)

@@ -73,14 +73,14 @@ def test_official_phi_schedule_is_the_reference_one():
 def test_official_toml_configs_build_the_registry_shapes(name, size):
     from dataclasses import asdict
 
-    from var.config import model_configs_from_toml
+    from training.config import model_configs_from_toml
     vae_cfg, var_cfg = model_configs_from_toml(Path(__file__).resolve().parents[1] / "configs" / f"{name}.toml")
     assert asdict(var_cfg) == asdict(var_config(size))
     assert asdict(vae_cfg) == asdict(official_vqvae_config(var_cfg.patch_nums))
 
 
 def test_tiny_toml_config_is_the_golden_configuration():
-    from var.config import model_configs_from_toml
+    from training.config import model_configs_from_toml
     vae_cfg, var_cfg = model_configs_from_toml(Path(__file__).resolve().parents[1] / "configs" / "tiny_cpu.toml")
     assert (vae_cfg.vocab_size, vae_cfg.z_channels, vae_cfg.ch, vae_cfg.image_size) == (128, 8, 32, 64)
     assert (var_cfg.depth, var_cfg.embed_dim, var_cfg.num_heads, var_cfg.num_classes) == (2, 64, 4, 10)

@@ -5,7 +5,7 @@ from eval import readme_tables
 
 
 def test_readme_tables_are_up_to_date():
-    assert readme_tables.main(["--check"]) == 0, "run `python -m eval.readme_tables` and commit README.md"
+    assert readme_tables.main(["--check"]) == 0, "run `python -m benchmarks.readme_tables` and commit README.md"
 
 
 def test_render_replaces_only_marked_blocks(tmp_path):

@@ -12,7 +12,7 @@ import pytest
 
 import sample
 from conftest import make_tiny_pair
-from var.checkpoint import save_model
+from training.checkpoint import save_model
 
 REPO = Path(__file__).resolve().parents[1]
 

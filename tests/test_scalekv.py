@@ -9,11 +9,11 @@ import torch
 from scipy.ndimage import maximum_filter1d
 
 from samplers import DefaultSampler, build_sampler
-from samplers.calibration import (asi_terms, calibrate, identify_drafters, load_calibration, save_calibration,
+from samplers.scalekv.calibration import (asi_terms, calibrate, identify_drafters, load_calibration, save_calibration,
                                   zscore_per_scale)
-from samplers.kv_compression import (KVPolicy, pool_scores, peak_cache_len, scale_lengths, select_topk,
+from samplers.scalekv.policies import (KVPolicy, pool_scores, peak_cache_len, scale_lengths, select_topk,
                                      window_cache_index, window_offsets)
-from samplers.scalekv import ScaleKVSampler, allocate_scale, build_policy, even_fill
+from samplers.scalekv.sampler import ScaleKVSampler, allocate_scale, build_policy, even_fill
 from tests.test_code import LABELS, PN, same_tokens, tiny_var
 from tokenizers import VQVAE, VQVAEConfig
 
@@ -175,7 +175,7 @@ def test_calibration_file_is_deterministic_and_tied_to_the_model(setup, tmp_path
         load_calibration(cal, other)
     with pytest.raises(ValueError, match="different model.*config"):
         build_policy("scalekv", tiny_var(11, depth=3), 0.4, str(cal))
-    with pytest.raises(FileNotFoundError, match="samplers.calibration"):
+    with pytest.raises(FileNotFoundError, match="samplers.scalekv.calibration"):
         load_calibration(tmp_path / "missing.json", var)
 
 

@@ -16,12 +16,12 @@ import pytest
 import torch
 from scipy import stats
 
-import samplers.sjd  # noqa: F401  (registers "sjd"; samplers/__init__.py may import it too)
+import samplers.sjd.sampler  # noqa: F401  (registers "sjd"; samplers/__init__.py may import it too)
 from samplers import build_sampler
-from samplers.draft_sources import JacobiDraft, RandomDraft
+from samplers.sjd.drafts import JacobiDraft, RandomDraft
 from samplers.logits_processing import apply_temperature, cfg_strength, guide, top_k_top_p_filter_
-from samplers.sjd_engine import BlockSJD, BlockTarget, Draft, DraftSource, SJDSettings
-from samplers.speculative import AcceptRule, derive_generator, multinomial_rows, verify_block
+from samplers.sjd.loop import BlockSJD, BlockTarget, Draft, DraftSource, SJDSettings
+from samplers.sjd.verify import AcceptRule, derive_generator, multinomial_rows, verify_block
 from conftest import make_tiny_pair
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: deterministic, uncontended CPU runs

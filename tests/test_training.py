@@ -16,11 +16,11 @@ from PIL import Image
 import train
 from tokenizers import VQVAE, VQVAEConfig
 from tokenizers.losses import VGGPerceptual, adaptive_gan_weight, hinge_d_loss
-from var.checkpoint import CheckpointMismatchError, load_model, read_metadata, save_model
-from var.data import FashionMNIST, ImageFolder, to_model_range
-from var.optim import lr_at, param_groups, wd_at
-from var.train_config import OptimConfig
-from var.trainer import Trainer
+from training.checkpoint import CheckpointMismatchError, load_model, read_metadata, save_model
+from training.data import FashionMNIST, ImageFolder, to_model_range
+from training.optim import lr_at, param_groups, wd_at
+from training.config import OptimConfig
+from training.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -371,7 +371,7 @@ def test_tokenizer_var_mismatch_and_run_directory_misuse(tmp_path, tiny_tokenize
 
 
 def test_non_finite_loss_stops_with_step_and_checkpoint(tmp_path, tiny_tokenizer, monkeypatch):
-    from var.train_job import VARJob
+    from training.var_job import VARJob
 
     cfg = write_var_config(tmp_path, tiny_tokenizer, steps=4, ckpt_every=1)
     original = VARJob.loss
@@ -397,5 +397,5 @@ def test_shipped_configs_parse(path):
     cfg, model_table = train.load_train_config(job, str(path), [])
     assert cfg.job == job and model_table
     if job == "code_refiner":
-        from var.code_training import CoDeTrainConfig
+        from samplers.code.training import CoDeTrainConfig
         assert train.from_dict(CoDeTrainConfig, cfg.code).draft_scales == 4

@@ -133,26 +133,3 @@ def load_toml(path: str | Path) -> dict:
             return tomllib.load(fh)
     except tomllib.TOMLDecodeError as err:
         raise ValueError(f"{path}: not valid TOML: {err}") from err
-
-
-def model_configs_from_toml(path: str | Path):
-    """Read the `[tokenizer]` and `[var]` tables of a config file into (VQVAEConfig, VARConfig | None).
-
-    `[var]` may name a registered size with `size = "var_d16"`; other keys override it. The VAR's
-    vocab_size, z_channels and patch_nums are taken from the tokenizer unless given.
-    """
-    from tokenizers.config import VQVAEConfig
-
-    raw = load_toml(path)
-    if "tokenizer" not in raw:
-        raise KeyError(f"{path}: missing [tokenizer] table")
-    vae_cfg = from_dict(VQVAEConfig, raw["tokenizer"], f"{path}[tokenizer]")
-    if "var" not in raw:
-        return vae_cfg, None
-    var_table = dict(raw["var"])
-    size = var_table.pop("size", None)
-    inherited = dict(vocab_size=vae_cfg.vocab_size, z_channels=vae_cfg.z_channels, patch_nums=vae_cfg.patch_nums)
-    base = dataclasses.asdict(var_config(size)) if size else {}
-    merged = {**base, **inherited, **var_table}
-    merged["patch_nums"] = list(merged["patch_nums"])
-    return vae_cfg, from_dict(VARConfig, merged, f"{path}[var]")

@@ -1,0 +1,1 @@
+"""One benchmark protocol and its reports: timing, reference-loop comparison, plots and README tables."""

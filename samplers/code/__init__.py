@@ -1,0 +1,1 @@
+"""Collaborative decoding (CoDe): the sampler configuration and its fine-tuning jobs."""

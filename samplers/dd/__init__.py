@@ -1,0 +1,1 @@
+"""Distilled decoding: the flow map, the student model, its dataset and training job, the sampler."""

@@ -1,0 +1,1 @@
+"""ScaleKV and its equal-budget baselines: KV-compression policies, budget allocation, ASI calibration."""

@@ -1,0 +1,184 @@
+"""ScaleKV offline identification: attention statistics per (layer, scale), ASI, drafter selection.
+
+For every query of the current map (attention after softmax, averaged over heads):
+  current ratio  = attention mass on keys of the current map;
+  history conc.  = sum of the `hist_topk` (K') largest weights on keys of earlier maps.
+ASI(l, k) = mean(current ratio) * mean(history conc.) over queries, rows and calibration samples.
+Low ASI = attention diffuse over the history = "drafter" layer (needs a large cache). Scores are
+z-normalised over layers within each scale, all (layer, scale) pairs are pooled, and the
+round(drafter_frac * pairs) smallest are drafters. Only scales 1..K-2 are ranked: scale 0 has no
+history and the cache after the last scale is never reused.
+
+The result is a small JSON tied to the model by a hash of its config and weights; loading it for
+another model is refused. CLI: python -m samplers.scalekv.calibration --var V.safetensors --tokenizer T.safetensors --out cal.json
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from samplers.scalekv.policies import CompressionRecord, KVPolicy
+
+FORMAT = "var-scalekv-calibration"
+VERSION = 1
+
+
+def asi_terms(attn_BHqL: torch.Tensor, n_current: int, hist_topk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-query (current ratio, history concentration), each (B, q), of head-averaged attention whose
+    last `n_current` keys are the current map."""
+    A_BqL = attn_BHqL.float().mean(dim=1)
+    L = A_BqL.shape[-1]
+    current = A_BqL[..., L - n_current:].sum(-1)
+    history = A_BqL[..., : L - n_current]
+    if history.shape[-1] == 0:
+        return current, torch.zeros_like(current)
+    conc = history.topk(min(hist_topk, history.shape[-1]), dim=-1).values.sum(-1)
+    return current, conc
+
+
+def zscore_per_scale(asi_LK: torch.Tensor, scales: list[int], eps: float = 1e-6) -> torch.Tensor:
+    """(L, K) z-scores over layers within each listed scale (population std); NaN elsewhere."""
+    z = torch.full_like(asi_LK, float("nan"))
+    for k in scales:
+        col = asi_LK[:, k]
+        z[:, k] = (col - col.mean()) / (col.std(unbiased=False) + eps)
+    return z
+
+
+def identify_drafters(asi_LK: torch.Tensor, scales: list[int], drafter_frac: float) -> list[list[bool]]:
+    """Boolean (L, K) mask: the round(drafter_frac * pairs) pooled (layer, scale) pairs of smallest z."""
+    if not 0.0 <= drafter_frac <= 1.0:
+        raise ValueError(f"drafter_frac must be in [0, 1], got {drafter_frac}")
+    L, K = asi_LK.shape
+    z = zscore_per_scale(asi_LK, scales)
+    pairs = sorted(((float(z[l, k]), k, l) for k in scales for l in range(L)))  # ties: lower scale, layer first
+    mask = [[False] * K for _ in range(L)]
+    for _, k, l in pairs[: round(drafter_frac * len(pairs))]:
+        mask[l][k] = True
+    return mask
+
+
+class ASIRecorder(KVPolicy):
+    """A no-op 'policy' that measures the layer's real attention of the current map after every scale."""
+    name = "asi-recorder"
+    needs_queries = True
+
+    def __init__(self, num_layers: int, num_scales: int, hist_topk: int):
+        self.hist_topk = hist_topk
+        self.sums = torch.zeros(2, num_layers, num_scales, dtype=torch.float64)  # current, concentration
+        self.counts = torch.zeros(num_layers, num_scales, dtype=torch.float64)
+
+    @torch.no_grad()
+    def compress(self, cache, model, si) -> CompressionRecord:
+        n = model.patch_nums[si] ** 2
+        lens = [cache.layer_len(i) for i in range(cache.num_layers)]
+        for layer in range(cache.num_layers):
+            q = cache.queries[layer][:, :, -n:].float()
+            attn = (torch.einsum("bhqc,bhlc->bhql", q, cache.keys[layer].float())
+                    * model.blocks[layer].attn.scale).softmax(-1)
+            current, conc = asi_terms(attn, n, self.hist_topk)
+            self.sums[0, layer, si] += current.sum().double()
+            self.sums[1, layer, si] += conc.sum().double()
+            self.counts[layer, si] += current.numel()
+        return CompressionRecord(si, lens, lens)
+
+    def asi(self) -> torch.Tensor:
+        means = self.sums / self.counts.clamp_min(1)
+        return means[0] * means[1]
+
+
+def model_fingerprint(model: torch.nn.Module) -> dict:
+    """sha256 of the model's config (JSON) and of every tensor of its state dict (names, shapes, dtypes, bytes)."""
+    config = model.config_dict() if hasattr(model, "config_dict") else {}
+    cfg_hash = hashlib.sha256(json.dumps(config, sort_keys=True, default=list).encode()).hexdigest()
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().to("cpu").contiguous().reshape(-1)
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes())
+    return {"config_sha256": cfg_hash, "weights_sha256": h.hexdigest()}
+
+
+@torch.no_grad()
+def calibrate(var, vae, labels, seeds, *, drafter_frac: float = 0.08, hist_topk: int = 16, cfg: float = 1.5,
+              top_k: int = 0, top_p: float = 0.0) -> dict:
+    """Run the uncompressed sampler on `labels` x `seeds` (one generation per seed, all labels in a batch)."""
+    from samplers.scalekv.sampler import ScaleKVSampler
+
+    K = var.num_scales
+    recorder = ASIRecorder(var.depth, K, hist_topk)
+    sampler = ScaleKVSampler(var, vae, policy=recorder)
+    labels = torch.as_tensor(labels, dtype=torch.long)
+    for seed in seeds:
+        sampler.sample(labels, cfg=cfg, top_k=top_k, top_p=top_p, seed=int(seed), decode=False)
+    asi = recorder.asi()
+    scales = list(range(1, K - 1))
+    mask = identify_drafters(asi, scales, drafter_frac)
+    z = zscore_per_scale(asi, scales)
+    return {"format": FORMAT, "version": VERSION, "model": model_fingerprint(var),
+            "settings": {"labels": labels.tolist(), "seeds": [int(s) for s in seeds], "cfg": cfg, "top_k": top_k,
+                         "top_p": top_p, "hist_topk": hist_topk, "drafter_frac": drafter_frac},
+            "scales": scales, "asi": asi.tolist(),
+            "z": [[None if v != v else v for v in row] for row in z.tolist()],
+            "drafters": [[l, k] for l in range(var.depth) for k in range(K) if mask[l][k]],
+            "drafter_mask": mask}
+
+
+def save_calibration(result: dict, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(result, indent=1))
+    os.replace(tmp, path)
+    return path
+
+
+def load_calibration(path: str | Path, model) -> dict:
+    """Read a calibration JSON and refuse it unless it was made for exactly this model."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"ScaleKV calibration {path} does not exist; create it with "
+                                f"`python -m samplers.scalekv.calibration --var <model> --tokenizer <tok> --out {path}`")
+    data = json.loads(path.read_text())
+    if data.get("format") != FORMAT or data.get("version") != VERSION:
+        raise ValueError(f"{path} is not a {FORMAT} v{VERSION} file (format={data.get('format')!r}, "
+                         f"version={data.get('version')!r}); re-run the calibration")
+    mine = model_fingerprint(model)
+    theirs = data["model"]
+    if mine != {k: theirs.get(k) for k in mine}:
+        what = "config" if mine["config_sha256"] != theirs.get("config_sha256") else "weights"
+        raise ValueError(f"ScaleKV calibration {path} was made for a different model (its {what} hash differs: "
+                         f"file {theirs.get(what + '_sha256', '?')[:12]}, model {mine[what + '_sha256'][:12]}). "
+                         f"Budgets are model specific: re-run `python -m samplers.scalekv.calibration` for this model")
+    return data
+
+
+def main(argv=None) -> None:
+    from training.checkpoint import load_any
+
+    p = argparse.ArgumentParser(description="ScaleKV calibration of one VAR model")
+    p.add_argument("--var", required=True, help="VAR checkpoint (.safetensors or official .pth)")
+    p.add_argument("--tokenizer", required=True, help="its tokenizer checkpoint")
+    p.add_argument("--out", required=True, help="calibration JSON to write")
+    p.add_argument("--classes", type=int, default=10, help="calibration labels 0..classes-1 (spaced over the label range)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--drafter-frac", type=float, default=0.08)
+    p.add_argument("--hist-topk", type=int, default=16)
+    p.add_argument("--cfg", type=float, default=1.5)
+    args = p.parse_args(argv)
+    torch.set_num_threads(min(torch.get_num_threads(), 4))
+    vae = load_any(args.tokenizer, "vqvae").eval()
+    var = load_any(args.var, "var", patch_nums=vae.patch_nums).eval()
+    n = min(args.classes, var.num_classes)
+    labels = torch.linspace(0, var.num_classes - 1, n).round().long()
+    result = calibrate(var, vae, labels, args.seeds, drafter_frac=args.drafter_frac, hist_topk=args.hist_topk, cfg=args.cfg)
+    print(f"drafters (layer, scale): {result['drafters']} -> {save_calibration(result, args.out)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Block-SJD: speculative Jacobi decoding over scales (verification, draft sources, the sampler)."""

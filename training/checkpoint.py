@@ -1,0 +1,240 @@
+"""Checkpoint I/O for tokenizers and transformers.
+
+Two formats:
+* ours: one `.safetensors` file whose metadata holds the format name and version, the model kind and
+  its JSON config (plus optional extra JSON, e.g. a label map), written atomically;
+* official: the bare `torch.save`d state dicts of the public VAR release (`vae_ch160v4096z32.pth`,
+  `var_d{12..36}.pth`), read with `weights_only=True`; the VAR config is inferred from tensor shapes.
+Every mismatch raises `CheckpointMismatchError` listing missing/unexpected keys, differing shapes and
+the likely cause.
+"""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from tokenizers import VQVAE, VQVAEConfig
+from tokenizers.config import official_vqvae_config
+from training.atomic import atomic_write
+from var.config import VARConfig, from_dict
+from var.model import VAR
+
+FORMAT_NAME = "var-toolkit"
+FORMAT_VERSION = 1
+# kind -> (model class, config class). Models defined above this layer (e.g. the distilled-decoding student in
+# samplers/dd/) add themselves with `register_kind`, so checkpoint I/O never imports an accelerator.
+KINDS: dict[str, tuple[type, type]] = {"vqvae": (VQVAE, VQVAEConfig), "var": (VAR, VARConfig)}
+
+
+def register_kind(kind: str, model_cls: type, config_cls: type) -> None:
+    """Make `save_model`/`load_model` handle another model kind (its constructor takes (config, init=...))."""
+    if kind in KINDS and KINDS[kind] != (model_cls, config_cls):
+        raise KeyError(f"checkpoint kind {kind!r} is already registered for {KINDS[kind][0].__name__}")
+    KINDS[kind] = (model_cls, config_cls)
+
+
+def kind_of(model: nn.Module) -> str | None:
+    return next((k for k, (cls, _) in KINDS.items() if type(model) is cls), None)
+
+
+class CheckpointMismatchError(RuntimeError):
+    pass
+
+
+# ---- diagnostics --------------------------------------------------------------------------------------
+def _likely_causes(shape_diffs: dict[str, tuple], missing: list[str], unexpected: list[str]) -> list[str]:
+    causes = []
+    keys = set(shape_diffs)
+    if keys & {"pos_1LC", "lvl_1L", "attn_bias_for_masking"}:
+        causes.append("the scale list differs: a VAR checkpoint only loads with the patch_nums it was trained "
+                      "with (e.g. 256px L=680 vs 512px L=2240)")
+    if keys & {"head.weight", "head.bias", "quantize.embedding.weight"}:
+        causes.append("the vocabulary size differs (codebook / output head rows)")
+    if "word_embed.weight" in keys:
+        causes.append("the latent width (z_channels) differs from the tokenizer the model was trained with")
+    if "class_emb.weight" in keys:
+        causes.append("num_classes differs (the class table has num_classes + 1 rows)")
+    if "pos_start" in keys or any(k.endswith("mat_qkv.weight") for k in keys):
+        causes.append("the width (embed_dim) differs: a different model size")
+    if any(k.startswith("blocks.") for k in missing + unexpected):
+        causes.append("the depth or the AdaLN variant (per-block vs shared_aln) differs")
+    if any(k.startswith(("encoder.", "decoder.")) for k in list(keys) + missing + unexpected):
+        causes.append("the tokenizer architecture (ch, ch_mult, num_res_blocks) differs")
+    if any("quant_resi" in k for k in missing + unexpected):
+        causes.append("share_quant_resi differs (number/layout of phi convolutions)")
+    if any(k.startswith(("encoder.", "decoder.", "quantize.")) for k in unexpected) and any(k.startswith("blocks.") for k in missing):
+        causes.append("this is a tokenizer checkpoint, not a VAR one")
+    if any(k.startswith("blocks.") for k in unexpected) and any(k.startswith("encoder.") for k in missing):
+        causes.append("this is a VAR checkpoint, not a tokenizer one")
+    return causes
+
+
+def load_state_dict_checked(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
+    """Strict load; on any mismatch raise one readable error instead of PyTorch's wall of text."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(own))
+    shape_diffs = {k: (tuple(state_dict[k].shape), tuple(own[k].shape)) for k in set(own) & set(state_dict)
+                   if tuple(state_dict[k].shape) != tuple(own[k].shape)}
+    if isinstance(model, VQVAE):  # the usage statistic is replaced when its scale count differs
+        shape_diffs.pop("quantize.ema_vocab_hit_SV", None)
+    if missing or unexpected or shape_diffs:
+        lines = [f"checkpoint {source} does not match the {type(model).__name__} being loaded:"]
+        if missing:
+            lines.append(f"  missing keys ({len(missing)}): {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
+        if unexpected:
+            lines.append(f"  unexpected keys ({len(unexpected)}): {', '.join(unexpected[:8])}{' ...' if len(unexpected) > 8 else ''}")
+        for k, (got, want) in sorted(shape_diffs.items())[:8]:
+            lines.append(f"  shape of {k}: checkpoint {got}, model {want}")
+        causes = _likely_causes(shape_diffs, missing, unexpected)
+        if causes:
+            lines.append("  likely cause: " + "; ".join(causes))
+        raise CheckpointMismatchError("\n".join(lines))
+    if isinstance(model, VAR) and not torch.equal(state_dict["lvl_1L"].to(own["lvl_1L"].device), own["lvl_1L"]):
+        raise CheckpointMismatchError(f"checkpoint {source} was trained with another scale list of the same total "
+                                      f"length; a VAR checkpoint only loads with its own patch_nums")
+    model.load_state_dict(state_dict, strict=True)
+
+
+# ---- our format -----------------------------------------------------------------------------------------
+def save_model(path: str | Path, model: VQVAE | VAR, extra: dict | None = None) -> Path:
+    """Write `model` (weights + config + format version) to one safetensors file, atomically."""
+    path = Path(path)
+    kind = kind_of(model)
+    if kind is None:
+        raise TypeError(f"save_model takes a registered model kind ({', '.join(KINDS)}), got {type(model).__name__}")
+    # clone: safetensors refuses tensors sharing storage, and views must not drag their whole storage along
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
+    meta = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION), "kind": kind,
+            "config": json.dumps(asdict(model.config)), "extra": json.dumps(extra or {})}
+    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+
+
+def read_metadata(path: str | Path) -> dict:
+    """Format metadata of one of our checkpoints: kind, config (dict), extra (dict), format_version."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+    except Exception as err:  # safetensors raises its own error types for truncated / foreign files
+        raise CheckpointMismatchError(f"{path} is not a readable safetensors file ({err}); "
+                                      f"official .pth files load with load_official_*") from err
+    if meta.get("format") != FORMAT_NAME:
+        raise CheckpointMismatchError(f"{path} has no '{FORMAT_NAME}' metadata; it was not written by save_model")
+    version = int(meta.get("format_version", -1))
+    if version > FORMAT_VERSION:
+        raise CheckpointMismatchError(f"{path} has format version {version}, newer than this code ({FORMAT_VERSION}); "
+                                      f"update the toolkit")
+    if meta.get("kind") not in KINDS:
+        hint = " (import samplers to register the accelerator kinds)" if meta.get("kind") == "dd_student" else ""
+        raise CheckpointMismatchError(f"{path}: unknown model kind {meta.get('kind')!r}{hint}")
+    return {"kind": meta["kind"], "format_version": version, "config": json.loads(meta["config"]),
+            "extra": json.loads(meta.get("extra", "{}"))}
+
+
+def load_model(path: str | Path, kind: str | None = None, device: str | torch.device = "cpu"):
+    """Load one of our checkpoints; `kind` ("vqvae"/"var") guards against passing the wrong file."""
+    meta = read_metadata(path)
+    if kind is not None and meta["kind"] != kind:
+        raise CheckpointMismatchError(f"{path} holds a {meta['kind']} checkpoint, but a {kind} was expected")
+    model_cls, config_cls = KINDS[meta["kind"]]
+    config = from_dict(config_cls, meta["config"], f"{path} config")
+    model = model_cls(config) if model_cls is VQVAE else model_cls(config, init=False)
+    with safe_open(str(path), framework="pt", device="cpu") as fh:
+        state_dict = {k: fh.get_tensor(k) for k in fh.keys()}
+    load_state_dict_checked(model, state_dict, str(path))
+    return model.to(device).eval()
+
+
+# ---- official release ------------------------------------------------------------------------------------
+def _torch_load(path: str | Path) -> dict[str, torch.Tensor]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist; the official checkpoints are on the Hugging Face Hub "
+                                f"repository FoundationVision/var (vae_ch160v4096z32.pth, var_d16.pth, ...)")
+    sd = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise CheckpointMismatchError(f"{path} is not a bare state dict of tensors (a training checkpoint?); "
+                                      f"extract the model weights first")
+    return sd
+
+
+def load_official_vae(path: str | Path, patch_nums=None, device="cpu") -> VQVAE:
+    """`vae_ch160v4096z32.pth`; it is resolution-agnostic, so any patch_nums may be used."""
+    config = official_vqvae_config(patch_nums) if patch_nums else official_vqvae_config()
+    vae = VQVAE(config)
+    load_state_dict_checked(vae, _torch_load(path), str(path))
+    return vae.to(device).eval()
+
+
+def infer_var_config(state_dict: dict[str, torch.Tensor], **overrides) -> VARConfig:
+    """Recover a VAR's shape from its state dict (scale list from `lvl_1L`, depth from block keys, ...)."""
+    required = ("pos_start", "lvl_1L", "class_emb.weight", "head.weight", "word_embed.weight")
+    absent = [k for k in required if k not in state_dict]
+    if absent:
+        raise CheckpointMismatchError(f"not a VAR state dict: missing {absent}"
+                                      + (" (this looks like a tokenizer checkpoint)" if "encoder.conv_in.weight" in state_dict else ""))
+    counts = Counter(state_dict["lvl_1L"].view(-1).tolist())
+    patch_nums = tuple(round(counts[s] ** 0.5) for s in sorted(counts))
+    depth = 1 + max(int(k.split(".")[1]) for k in state_dict if k.startswith("blocks."))
+    C = state_dict["pos_start"].shape[-1]
+    attn_l2_norm = "blocks.0.attn.scale_mul_1H11" in state_dict
+    heads = state_dict["blocks.0.attn.scale_mul_1H11"].shape[1] if attn_l2_norm else C // 64
+    fc1 = state_dict["blocks.0.ffn.fc1.weight"].shape[0]
+    fields = dict(num_classes=state_dict["class_emb.weight"].shape[0] - 1, depth=depth, embed_dim=C, num_heads=heads,
+                  mlp_ratio=fc1 / C, shared_aln="shared_ada_lin.1.weight" in state_dict, attn_l2_norm=attn_l2_norm,
+                  patch_nums=patch_nums, vocab_size=state_dict["head.weight"].shape[0],
+                  z_channels=state_dict["word_embed.weight"].shape[1], drop_path_rate=0.1 * depth / 24)
+    fields.update(overrides)
+    return VARConfig(**fields)
+
+
+def load_official_var(path: str | Path, patch_nums=None, device="cpu") -> VAR:
+    """`var_d{12,16,20,24,30,36}.pth`. If `patch_nums` is given it must be the file's own scale list."""
+    sd = _torch_load(path)
+    config = infer_var_config(sd)
+    if patch_nums is not None and tuple(patch_nums) != config.patch_nums:
+        raise CheckpointMismatchError(f"{path} was trained with patch_nums {config.patch_nums} (L={config.seq_len}), "
+                                      f"not {tuple(patch_nums)}; a VAR checkpoint only loads with its own scale list")
+    var = VAR(config, init=False)
+    load_state_dict_checked(var, sd, str(path))
+    return var.to(device).eval()
+
+
+def checkpoint_kind(path: str | Path) -> str:
+    """The model kind a checkpoint holds: ours say it in their metadata; official files are VARs unless given
+    as a tokenizer."""
+    return read_metadata(path)["kind"] if Path(path).suffix == ".safetensors" else "var"
+
+
+def load_any(path: str | Path, kind: str, device="cpu", patch_nums=None):
+    """Ours (.safetensors) or official (.pth/.pt) by file extension."""
+    suffix = Path(path).suffix
+    if suffix == ".safetensors":
+        return load_model(path, kind=kind, device=device)
+    if suffix in (".pth", ".pt", ".bin"):
+        return (load_official_vae if kind == "vqvae" else load_official_var)(path, patch_nums=patch_nums, device=device)
+    raise ValueError(f"{path}: unknown checkpoint type {suffix!r}; expected .safetensors (ours) or .pth (official)")
+
+
+def check_models_compatible(var: VAR, vae: VQVAE, what: str = "VAR") -> None:
+    problems = []
+    if var.config.vocab_size != vae.vocab_size:
+        problems.append(f"vocabulary size {var.config.vocab_size} vs tokenizer {vae.vocab_size}")
+    if var.config.z_channels != vae.z_channels:
+        problems.append(f"latent width (z_channels) {var.config.z_channels} vs tokenizer {vae.z_channels}")
+    if tuple(var.patch_nums) != tuple(vae.patch_nums):
+        problems.append(f"patch_nums {tuple(var.patch_nums)} vs tokenizer {tuple(vae.patch_nums)}")
+    if problems:
+        raise ValueError(f"{what} and tokenizer do not match: " + "; ".join(problems)
+                         + ". Load the tokenizer the model was trained with (its checkpoint config names it), "
+                           "or build the tokenizer with the model's patch_nums.")

@@ -1,0 +1,290 @@
+"""Generic training loop through `accelerate`: sharded deterministic data order, gradient accumulation,
+clipping, the VAR lr/wd schedule, EMA, JSONL logs, sample grids, atomic resumable checkpoints.
+
+A *job* (tokenizer or VAR, see `training/tokenizer_job.py`, `training/var_job.py`) supplies the models,
+how to fetch a batch from dataset indices, the loss, the sample grid and the exported weights.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import GradScalerKwargs
+from tqdm import tqdm
+
+from training.atomic import atomic_write
+from training.images import save_png_atomic
+from training.optim import EMA, build_adamw, set_schedule
+from training.config import TrainConfig
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
+
+
+def make_accelerator(cfg: TrainConfig) -> Accelerator:
+    """bf16 autocast on CUDA by default, fp32 on CPU (CPU autocast is slower and changes numerics);
+    fp16 uses the recipe's gradient scaler (initial scale 2^11, growth interval 1000)."""
+    on_cuda = torch.cuda.is_available()
+    mp = cfg.train.mixed_precision
+    if mp == "auto":
+        mp = "bf16" if on_cuda else "no"
+    if mp != "no" and not on_cuda:
+        raise ValueError(f"train.mixed_precision = {mp!r} needs a CUDA device; use 'auto' or 'no' on CPU")
+    if on_cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    handlers = [GradScalerKwargs(init_scale=2.0**11, growth_interval=1000)] if mp == "fp16" else []
+    return Accelerator(mixed_precision=mp, cpu=not on_cuda, kwargs_handlers=handlers)
+
+
+def resume_relevant(cfg: dict) -> dict:
+    """The settings a resumed run must share with the run it continues (steps, logging and paths may change)."""
+    return {"job": cfg["job"], "data": cfg["data"], "optim": cfg["optim"], "loss": cfg["loss"],
+            "code": cfg.get("code", {}), "seed": cfg["train"]["seed"],
+            "label_smoothing": cfg["train"]["label_smoothing"]}
+
+
+class TrainJob:
+    """What the Trainer drives. Subclasses set `self.model` and implement num_items, fetch, loss (and
+    usually after_step, sample_grid, export); jobs with auxiliary networks (a GAN discriminator) override
+    the extra_* methods."""
+
+    model: torch.nn.Module
+
+    def extra_models(self) -> list[torch.nn.Module]:
+        return []
+
+    def extra_optimizers(self, optim_cfg) -> list:
+        return []
+
+    def set_prepared(self, models) -> None:
+        self.model = models[0]
+
+    def all_models(self) -> list[torch.nn.Module]:
+        return [self.model] + self.extra_models()
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, job, accelerator: Accelerator):
+        self.cfg, self.job, self.acc = cfg, job, accelerator
+        self.out = Path(cfg.train.out_dir)
+        self.ckpt_dir = self.out / "checkpoints"
+        world, accum = accelerator.num_processes, cfg.optim.grad_accum
+        if cfg.optim.batch_size % (world * accum):
+            raise ValueError(f"optim.batch_size {cfg.optim.batch_size} must be divisible by processes x grad_accum "
+                             f"= {world} x {accum}")
+        self.micro_batch = cfg.optim.batch_size // (world * accum)
+        self.num_items = job.num_items()
+        if self.num_items < cfg.optim.batch_size:
+            raise ValueError(f"the dataset has {self.num_items} items, fewer than one global batch ({cfg.optim.batch_size})")
+        self.step, self.epoch, self.pos = 0, 0, 0
+        self.wall_s = 0.0  # training wall time, carried over by --resume
+        self.ema = EMA(job.model, cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None
+        self.optimizers = [build_adamw(job.model, cfg.optim)] + job.extra_optimizers(cfg.optim)
+        prepared = accelerator.prepare(job.model, *job.extra_models(), *self.optimizers)
+        n_models = 1 + len(job.extra_models())
+        job.set_prepared(prepared[:n_models])
+        self.optimizers = list(prepared[n_models:])
+
+    # ---- data order: a seeded permutation per epoch, each global batch split over processes ---------
+    def _global_indices(self) -> list[int]:
+        if self.pos + self.cfg.optim.batch_size > self.num_items:
+            self.epoch, self.pos = self.epoch + 1, 0
+        perm = torch.randperm(self.num_items, generator=torch.Generator().manual_seed(self.cfg.train.seed * 100_003 + self.epoch))
+        batch = perm[self.pos: self.pos + self.cfg.optim.batch_size].tolist()
+        self.pos += self.cfg.optim.batch_size
+        return batch
+
+    def _micro_batches(self, global_batch: list[int]) -> list[list[int]]:
+        rank, world, m = self.acc.process_index, self.acc.num_processes, self.micro_batch
+        return [global_batch[(i * world + rank) * m: (i * world + rank + 1) * m] for i in range(self.cfg.optim.grad_accum)]
+
+    # ---- the loop -----------------------------------------------------------------------------------
+    def train(self, resume: bool = False) -> Path:
+        cfg, acc = self.cfg, self.acc
+        if resume:
+            self._load_latest()
+        elif (self.ckpt_dir / "latest.txt").exists():
+            raise FileExistsError(f"{self.out} already holds a run; pass --resume to continue it or choose another train.out_dir")
+        acc.wait_for_everyone()  # nobody may create files before every process has checked for an old run
+        if acc.is_main_process:
+            self.out.mkdir(parents=True, exist_ok=True)
+            if not resume:  # a run that died before its first checkpoint leaves a log nobody can continue
+                (self.out / "metrics.jsonl").unlink(missing_ok=True)
+            run_info = {**asdict(cfg), "distributed": {"num_processes": acc.num_processes, "backend": acc.state.backend,
+                                                       "mixed_precision": acc.mixed_precision,
+                                                       "device": str(acc.device), "torch_threads": torch.get_num_threads()}}
+            atomic_write_bytes(self.out / "config.json", json.dumps(run_info, indent=2).encode())
+        self._seed_everything(resume)
+        total = cfg.train.steps
+        bar = tqdm(total=total, initial=self.step, disable=not acc.is_main_process, desc=f"train {cfg.job}")
+        started = time.perf_counter() - self.wall_s
+        while self.step < total:
+            metrics = self._train_step()
+            self.step += 1
+            self.wall_s = time.perf_counter() - started
+            bar.update(1)
+            if self.ema is not None:
+                self.ema.update(acc.unwrap_model(self.job.model))
+            if acc.is_main_process and (self.step % cfg.train.log_every == 0 or self.step == total):
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}")
+                self._log({"step": self.step, "epoch": self.epoch, **metrics, "wall_s": round(self.wall_s, 2)})
+            if self.step % cfg.train.sample_every == 0 or self.step == total:
+                self._sample_grid()
+            if self.step % cfg.train.ckpt_every == 0 or self.step == total:
+                self._save_checkpoint()
+        bar.close()
+        return self._export()
+
+    def _train_step(self) -> dict:
+        """One optimiser update over the global batch: grad_accum micro-batches per process, gradients
+        synchronised once (on the last micro-batch), clipped, then the generator step and the job's
+        extra steps (the tokenizer's discriminator)."""
+        cfg, acc, job = self.cfg, self.acc, self.job
+        lr = [set_schedule(opt, self.step, cfg.train.steps, cfg.optim) for opt in self.optimizers][0]
+        micro = self._micro_batches(self._global_indices())
+        sums: dict[str, float] = {}
+        for i, indices in enumerate(micro):
+            batch = job.fetch(indices, acc.device)
+            last = i == len(micro) - 1
+            with acc.no_sync(job.model) if not last else nullcontext():
+                with acc.autocast():
+                    loss, metrics = job.loss(batch, self.step)
+                self._check_finite(loss)
+                acc.backward(loss / len(micro))
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + float(v) / len(micro)
+        if cfg.optim.grad_clip > 0:
+            sums["grad_norm"] = float(acc.clip_grad_norm_(job.model.parameters(), cfg.optim.grad_clip))
+            # fp16 skips steps with inf gradients through its scaler; elsewhere a non-finite norm is fatal
+            if acc.scaler is None and not math.isfinite(sums["grad_norm"]):
+                self._stop(f"non-finite gradient norm ({sums['grad_norm']})")
+        self.optimizers[0].step()
+        self.optimizers[0].zero_grad(set_to_none=True)
+        sums.update(job.after_step(self.optimizers[1:], self.step, micro, acc))
+        sums["lr"] = lr
+        keys = sorted(sums)  # one collective for all metrics (same keys on every process)
+        means = acc.reduce(torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=acc.device), "mean")
+        return dict(zip(keys, means.tolist()))
+
+    def _check_finite(self, loss: torch.Tensor) -> None:
+        """Every process takes the same decision (the flag is summed), so none is left waiting in a collective."""
+        bad = torch.tensor(0.0 if torch.isfinite(loss.detach()).all() else 1.0, device=self.acc.device)
+        if float(self.acc.reduce(bad, "sum")) > 0:
+            self._stop(f"non-finite loss ({float(loss.detach())})")
+
+    def _stop(self, what: str) -> None:
+        latest = self.ckpt_dir / "latest.txt"
+        last = self.ckpt_dir / latest.read_text().strip() if latest.exists() else "none (no checkpoint written yet)"
+        raise FloatingPointError(f"{what} at step {self.step + 1} (after {self.step} completed steps); stopping. "
+                                 f"Last good checkpoint: {last}. Lower optim.base_lr or enable optim.grad_clip, "
+                                 f"then continue it with --resume")
+
+    # ---- logging, grids -------------------------------------------------------------------------------
+    def _log(self, record: dict) -> None:
+        with open(self.out / "metrics.jsonl", "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+
+    def _sample_grid(self) -> None:
+        if not self.acc.is_main_process:
+            return
+        model = self.ema.model if self.ema is not None else self.acc.unwrap_model(self.job.model)
+        grid = self.job.sample_grid(model)
+        if grid is not None:
+            (self.out / "samples").mkdir(exist_ok=True)
+            save_png_atomic(grid, self.out / "samples" / f"step_{self.step:07d}.png")
+
+    # ---- checkpoints ------------------------------------------------------------------------------------
+    def _seed_everything(self, resumed: bool) -> None:
+        if resumed:
+            return  # RNG states came from the checkpoint
+        seed = self.cfg.train.seed * 1000 + self.acc.process_index
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+
+    def _save_checkpoint(self) -> None:
+        acc = self.acc
+        name = f"step_{self.step:07d}"
+        tmp, final = self.ckpt_dir / f"{name}.tmp", self.ckpt_dir / name
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        acc.wait_for_everyone()
+        rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        torch.save(rng, tmp / f"rng_rank{acc.process_index}.pt")
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            # The lr / wd schedule is a pure function of the step, so the step is the scheduler state.
+            state = {"step": self.step, "epoch": self.epoch, "pos": self.pos, "world_size": acc.num_processes,
+                     "wall_s": self.wall_s, "config": resume_relevant(asdict(self.cfg)),
+                     "optimizers": [o.state_dict() for o in self.optimizers],
+                     "models": [acc.unwrap_model(m).state_dict() for m in self.job.all_models()],
+                     "ema": self.ema.state_dict() if self.ema is not None else None,
+                     "scaler": acc.scaler.state_dict() if acc.scaler is not None else None}
+            torch.save(state, tmp / "train_state.pt")
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            atomic_write_bytes(self.ckpt_dir / "latest.txt", name.encode())
+            kept = sorted(p for p in self.ckpt_dir.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
+            for old in kept[: -self.cfg.train.keep_checkpoints]:
+                shutil.rmtree(old, ignore_errors=True)
+        acc.wait_for_everyone()
+
+    def _load_latest(self) -> None:
+        latest = self.ckpt_dir / "latest.txt"
+        if not latest.exists():
+            raise FileNotFoundError(f"--resume: no checkpoint in {self.ckpt_dir}; start without --resume")
+        folder = self.ckpt_dir / latest.read_text().strip()
+        state = torch.load(folder / "train_state.pt", map_location="cpu", weights_only=False)
+        now = resume_relevant(asdict(self.cfg))
+        changed = sorted(k for k in now if state.get("config", now).get(k) != now[k])  # first-version files lack it
+        if changed:
+            raise ValueError(f"--resume: the config differs from the run in {self.out} in {changed}; a resumed run must "
+                             f"keep its data, optim, loss and seed settings (only steps, logging and paths may change)")
+        for model, sd in zip(self.job.all_models(), state["models"]):
+            self.acc.unwrap_model(model).load_state_dict(sd)
+        for opt, sd in zip(self.optimizers, state["optimizers"]):
+            opt.load_state_dict(sd)
+        if self.ema is not None and state["ema"] is not None:
+            self.ema.load_state_dict(state["ema"])
+        if self.acc.scaler is not None and state.get("scaler") is not None:
+            self.acc.scaler.load_state_dict(state["scaler"])
+        self.step, self.epoch, self.pos, self.wall_s = state["step"], state["epoch"], state["pos"], state.get("wall_s", 0.0)
+        rng_file = folder / f"rng_rank{self.acc.process_index}.pt"
+        if state["world_size"] == self.acc.num_processes and rng_file.exists():
+            rng = torch.load(rng_file, weights_only=False)
+            random.setstate(rng["python"])
+            np.random.set_state(rng["numpy"])
+            torch.set_rng_state(rng["torch"])
+            if "cuda" in rng and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(rng["cuda"])
+        else:
+            self._seed_everything(False)
+        if self.acc.is_main_process:  # drop log lines written after the checkpoint we resume from
+            log = self.out / "metrics.jsonl"
+            if log.exists():
+                keep = [line for line in log.read_text().splitlines() if json.loads(line)["step"] <= self.step]
+                atomic_write_bytes(log, ("\n".join(keep) + "\n" if keep else "").encode())
+
+    def _export(self) -> Path:
+        path = self.out / f"{self.job.export_name}.safetensors"
+        if self.acc.is_main_process:
+            model = self.ema.model if self.ema is not None else self.acc.unwrap_model(self.job.model)
+            self.job.export(path, model)
+        self.acc.wait_for_everyone()
+        return path
+
