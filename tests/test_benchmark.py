@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 
 from conftest import make_tiny_pair
-from eval import benchmark
+from benchmarks import benchmark
 from training.checkpoint import save_model
 
 

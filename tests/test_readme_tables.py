@@ -1,7 +1,7 @@
 """The README's measured tables are generated from committed result files, never typed by hand."""
 from __future__ import annotations
 
-from eval import readme_tables
+from benchmarks import readme_tables
 
 
 def test_readme_tables_are_up_to_date():
