@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 from scipy import linalg
@@ -60,7 +61,7 @@ def check_compatible(a: GaussianStats, b: GaussianStats, what: str = "statistics
             raise ValueError(f"{what}: sigma must be ({s.dim}, {s.dim}) for a mean of length {s.dim}, got {s.sigma.shape}")
 
 
-def _sqrtm(mat: np.ndarray) -> tuple[np.ndarray, bool]:
+def scipy_sqrtm(mat: np.ndarray) -> tuple[np.ndarray, bool]:
     """scipy's sqrtm, also reporting whether scipy flagged the matrix as singular / ill-conditioned."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -69,19 +70,22 @@ def _sqrtm(mat: np.ndarray) -> tuple[np.ndarray, bool]:
     return np.asarray(root), flagged
 
 
-def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
+def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6,
+                     sqrtm: Callable[[np.ndarray], tuple[np.ndarray, bool]] = scipy_sqrtm) -> float:
+    """`sqrtm(mat) -> (root, flagged)` is scipy's by default; tests inject one that fails so the eps*I
+    stabilisation runs whatever the BLAS (whether scipy's root of a singular product is finite depends on it)."""
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
     sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
     check_compatible(GaussianStats(mu1, sigma1, 0), GaussianStats(mu2, sigma2, 0), "the two statistics")
     diff = mu1 - mu2
-    covmean, flagged = _sqrtm(sigma1 @ sigma2)
+    covmean, flagged = sqrtm(sigma1 @ sigma2)
     if not np.isfinite(covmean).all():
         # A singular product can have no square root in floating point (Schur recurrence divides 0 by 0);
         # the standard fix shifts both covariances by eps*I, which changes FD by O(sqrt(eps) * dim).
         warnings.warn(f"sqrtm(sigma1 @ sigma2) is not finite (singular product, typical with too few samples); "
                       f"adding {eps:g} * I to both covariances", RankDeficientWarning, stacklevel=2)
         offset = np.eye(sigma1.shape[0]) * eps
-        covmean, flagged = _sqrtm((sigma1 + offset) @ (sigma2 + offset))
+        covmean, flagged = sqrtm((sigma1 + offset) @ (sigma2 + offset))
         if not np.isfinite(covmean).all():
             raise ValueError("sqrtm of the covariance product is not finite even after the eps*I offset; "
                              "the statistics are degenerate (constant features? NaN?)")

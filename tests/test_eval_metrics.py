@@ -3,9 +3,8 @@ import warnings
 
 import numpy as np
 import pytest
-from scipy import linalg
 
-from eval.frechet import RankDeficientWarning, feature_stats, frechet_distance
+from eval.frechet import RankDeficientWarning, scipy_sqrtm, feature_stats, frechet_distance
 from eval.metrics import (classifier_accuracy, inception_score, inception_score_from_probs, kernel_inception_distance,
                           polynomial_mmd2_unbiased, precision_recall)
 
@@ -47,21 +46,55 @@ def test_stats_are_float64_unbiased_covariance():
     np.testing.assert_allclose(s.sigma, np.cov(feats.astype(np.float64), rowvar=False), rtol=1e-12)
 
 
-def test_sqrtm_stabilisation_on_singular_covariances():
-    # rank-1 and rank-2 covariances whose product makes scipy's Schur square root divide 0 by 0
+def _fails_first_call():
+    """A sqrtm that returns NaN for the raw product (what some BLAS builds give for a singular one) and
+    scipy's root afterwards: the eps*I path then runs on every machine."""
+    calls = []
+
+    def sqrtm(mat):
+        calls.append(mat.copy())
+        if len(calls) == 1:
+            return np.full_like(mat, np.nan), True
+        return scipy_sqrtm(mat)
+    return sqrtm, calls
+
+
+def test_sqrtm_stabilisation_matches_closed_form_on_singular_diagonal_covariances():
+    # diagonal (commuting) covariances with zero variances: ((S1 + eps I)(S2 + eps I))^1/2 is exactly
+    # diag(sqrt((a + eps)(b + eps))), and FD keeps the unshifted traces
+    a = np.array([0.0, 2.0, 0.0, 1.5, 3.0])
+    b = np.array([1.0, 0.0, 0.0, 0.5, 3.0])
+    mu1, mu2 = np.arange(5.0), np.arange(5.0)[::-1].copy()
+    eps = 1e-3
+    sqrtm, calls = _fails_first_call()
+    with pytest.warns(RankDeficientWarning, match="not finite"):
+        fd = frechet_distance(mu1, np.diag(a), mu2, np.diag(b), eps=eps, sqrtm=sqrtm)
+    expected = np.sum((mu1 - mu2) ** 2) + a.sum() + b.sum() - 2 * np.sqrt((a + eps) * (b + eps)).sum()
+    assert fd == pytest.approx(expected, rel=1e-12)
+    assert len(calls) == 2
+    np.testing.assert_array_equal(calls[1], np.diag((a + eps) * (b + eps)))
+
+
+def test_sqrtm_stabilisation_on_rank_one_covariances_is_within_offset_bias():
+    # S1 = x x^T has rank 1, so (S1 S2)^1/2 has the single non-zero eigenvalue sqrt(x^T S2 x)
     x = np.array([[0.0, 1.0, -1.0, 1.0, 1.0]])
     y = np.array([[1.0, -1.0, -1.0, 0.0, -1.0], [-1.0, -1.0, -1.0, 1.0, 1.0]])
     s1, s2 = x.T @ x, y.T @ y
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        assert not np.isfinite(linalg.sqrtm(s1 @ s2)).all(), "the test needs a product scipy cannot take the root of"
-    # closed form: s1 = x x^T has rank 1, so (s1 s2)^1/2 has the single eigenvalue sqrt(x^T s2 x)
     expected = np.trace(s1) + np.trace(s2) - 2 * np.sqrt((x @ s2 @ x.T).item())
     mu = np.zeros(5)
+    sqrtm, _ = _fails_first_call()
     with pytest.warns(RankDeficientWarning, match="not finite"):
-        fd = frechet_distance(mu, s1, mu, s2, eps=1e-6)
-    assert np.isfinite(fd)
+        fd = frechet_distance(mu, s1, mu, s2, eps=1e-6, sqrtm=sqrtm)
     assert fd == pytest.approx(expected, abs=0.02)  # the eps*I offset moves it by O(sqrt(eps) * dim)
+    with warnings.catch_warnings():  # scipy's own root: finite or not depending on the BLAS, close either way
+        warnings.simplefilter("ignore")
+        assert frechet_distance(mu, s1, mu, s2, eps=1e-6) == pytest.approx(expected, abs=0.02)
+
+
+def test_sqrtm_still_not_finite_after_offset_is_an_error():
+    with pytest.warns(RankDeficientWarning), pytest.raises(ValueError, match="even after the eps"):
+        frechet_distance(np.zeros(3), np.eye(3), np.zeros(3), np.eye(3),
+                         sqrtm=lambda mat: (np.full_like(mat, np.nan), True))
 
 
 def test_rank_deficient_warning_when_too_few_samples():

@@ -19,22 +19,15 @@ from tokenizers.quantizer import MultiScaleQuantizer
 from var import VAR, VARConfig
 from training.checkpoint import load_state_dict_checked
 
-GOLDEN = Path(__file__).resolve().parents[2] / "shared" / "reference" / "golden_tiny.pt"
+# Produced by the public VAR reference implementation; provenance and sha256 in tests/data/README.md.
+GOLDEN = Path(__file__).resolve().parent / "data" / "golden_tiny.pt"
 TOL = dict(atol=1e-4, rtol=1e-4)
-
-
-def _golden_path() -> Path:
-    # CI clones the repo next to a copy of shared/; a session works in main/ beside ../shared.
-    for cand in (GOLDEN, Path(__file__).resolve().parents[1] / "shared" / "reference" / "golden_tiny.pt"):
-        if cand.is_file():
-            return cand
-    raise FileNotFoundError(f"golden file not found at {GOLDEN}: the reference data lives in ../shared/reference/")
 
 
 @pytest.fixture(scope="module")
 def G():
     torch.set_num_threads(1)  # the golden file was produced with one thread
-    return torch.load(_golden_path(), weights_only=True)
+    return torch.load(GOLDEN, weights_only=True)
 
 
 def _vae(G) -> VQVAE:

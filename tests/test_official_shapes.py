@@ -1,5 +1,5 @@
 """Every registered size builds the exact key/shape/dtype set and parameter count of the official checkpoints
-(shared/reference/var_schema.json). Built on the meta device, so the 2B-parameter shapes cost no memory."""
+(tests/data/var_schema.json, see tests/data/README.md). Built on the meta device, so the 2B-parameter shapes cost no memory."""
 from __future__ import annotations
 
 import json
@@ -13,16 +13,12 @@ from tokenizers.config import official_vqvae_config
 from var import VAR, var_config
 from var.config import PATCH_NUMS_512, VAR_CONFIGS
 
-SCHEMA_CANDIDATES = [Path(__file__).resolve().parents[2] / "shared" / "reference" / "var_schema.json",
-                     Path(__file__).resolve().parents[1] / "shared" / "reference" / "var_schema.json"]
+SCHEMA = Path(__file__).resolve().parent / "data" / "var_schema.json"
 
 
 @pytest.fixture(scope="module")
 def schema() -> dict:
-    for path in SCHEMA_CANDIDATES:
-        if path.is_file():
-            return json.loads(path.read_text())
-    raise FileNotFoundError(f"var_schema.json not found in {SCHEMA_CANDIDATES}")
+    return json.loads(SCHEMA.read_text())
 
 
 def _assert_same_state_dict(model: torch.nn.Module, ref: dict) -> None:
