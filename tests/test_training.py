@@ -20,6 +20,7 @@ from training.checkpoint import CheckpointMismatchError, load_model, read_metada
 from training.data import FashionMNIST, ImageFolder, to_model_range
 from training.optim import lr_at, param_groups, wd_at
 from training.config import OptimConfig
+from training.run_state import load_tree
 from training.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -173,9 +174,10 @@ def test_resume_after_interruption_is_exact(tmp_path, tiny_tokenizer, monkeypatc
     monkeypatch.setattr(Trainer, "_train_step", original)
     ckpt = tmp_path / "cut" / "checkpoints"
     assert (ckpt / "latest.txt").read_text() == "step_0000003"
-    state = torch.load(ckpt / "step_0000003" / "train_state.pt", weights_only=False)
+    state = load_tree(ckpt / "step_0000003", "state")  # pickle-free: JSON + safetensors
     assert state["step"] == 3 and state["pos"] == 24 and len(state["optimizers"]) == (1 if job == "var" else 2)
-    assert (state["ema"] is not None) == (job == "var") and (ckpt / "step_0000003" / "rng_rank0.pt").exists()
+    assert (state["ema"] is not None) == (job == "var") and (ckpt / "step_0000003" / "rng_rank0.safetensors").exists()
+    assert not list(ckpt.rglob("*.pt"))
     train.main([job, "--config", str(cfg), "--set", f"train.out_dir={tmp_path / 'cut'}", "--resume"])
 
     full, resumed = params(tmp_path / "full" / export), params(tmp_path / "cut" / export)

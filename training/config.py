@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -9,21 +11,65 @@ from tokenizers.config import VQVAEConfig
 from var.config import from_dict, load_toml, var_config, VARConfig
 
 
+# numpy seeds must be < 2**32 and each process seeds with seed * 1000 + rank
+MAX_SEED = 2**32 // 1000 - 1000
+
+
+def _number(key: str, value, *, integer: bool = False, gt=None, ge=None, lt=None, le=None):
+    """`value` as a finite int / float satisfying the bounds, else a one-line error naming `key`."""
+    if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
+        raise TypeError(f"{key} must be {'an integer' if integer else 'a number'}, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{key} must be a finite number, got {value!r}")
+    low = f"[{ge}" if ge is not None else f"({gt}" if gt is not None else None
+    high = f"{lt})" if lt is not None else f"{le}]" if le is not None else None
+    ok = ((gt is None or value > gt) and (ge is None or value >= ge) and (lt is None or value < lt)
+          and (le is None or value <= le))
+    if not ok:
+        if low and high:
+            rule = f"in {low}, {high}"
+        elif low:
+            rule = f"{'>=' if ge is not None else '>'} {low[1:]}"
+        else:
+            rule = f"{'<' if lt is not None else '<='} {high[:-1]}"
+        raise ValueError(f"{key} must be {rule}, got {value!r}")
+    return value
+
+
+def _text(key: str, value, choices: tuple[str, ...] | None = None, nonempty: bool = False) -> None:
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if not isinstance(value, str):
+        raise TypeError(f"{key} must be a string, got {value!r}")
+    if choices is not None and value not in choices:
+        raise ValueError(f"{key} must be {', '.join(choices[:-1])} or {choices[-1]}, got {value!r}")
+    if nonempty and not value.strip():
+        raise ValueError(f"{key} must not be empty")
+
+
+def _flag(key: str, value) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{key} must be true or false, got {value!r}")
+
+
 @dataclass
 class DataConfig:
     kind: str = "fashion_mnist"  # fashion_mnist | image_folder | procedural
     root: str = "/usr/share/datasets/fashion-mnist"
     image_size: int = 32
-    split: str = "train"
+    split: str = "train"  # fashion_mnist: train | test
     skip_corrupt: bool = False  # skip unreadable images with a counted warning instead of failing
     num_samples: int = 2048  # procedural only
     num_classes: int = 10  # procedural only
 
     def __post_init__(self) -> None:
-        if self.kind not in ("fashion_mnist", "image_folder", "procedural"):
-            raise ValueError(f"data.kind must be fashion_mnist, image_folder or procedural, got {self.kind!r}")
-        if self.image_size < 8:
-            raise ValueError(f"data.image_size must be >= 8, got {self.image_size}")
+        _text("data.kind", self.kind, ("fashion_mnist", "image_folder", "procedural"))
+        _text("data.root", self.root, nonempty=self.kind != "procedural")
+        _number("data.image_size", self.image_size, integer=True, ge=8)
+        _text("data.split", self.split, ("train", "test") if self.kind == "fashion_mnist" else None)
+        _flag("data.skip_corrupt", self.skip_corrupt)
+        _number("data.num_samples", self.num_samples, integer=True, ge=1)
+        _number("data.num_classes", self.num_classes, integer=True, ge=1)
 
 
 @dataclass
@@ -44,13 +90,23 @@ class OptimConfig:
     ema_decay: float = 0.0  # 0 disables EMA weights
 
     def __post_init__(self) -> None:
-        self.betas = tuple(float(b) for b in self.betas)
-        if self.batch_size < 1 or self.grad_accum < 1:
-            raise ValueError(f"optim.batch_size and optim.grad_accum must be >= 1, got {self.batch_size}, {self.grad_accum}")
+        _number("optim.base_lr", self.base_lr, gt=0)
+        _number("optim.batch_size", self.batch_size, integer=True, ge=1)
+        _number("optim.grad_accum", self.grad_accum, integer=True, ge=1)
         if self.batch_size % self.grad_accum:
             raise ValueError(f"optim.batch_size {self.batch_size} must be divisible by grad_accum {self.grad_accum}")
-        if not 0.0 <= self.ema_decay < 1.0:
-            raise ValueError(f"optim.ema_decay must be in [0, 1), got {self.ema_decay}")
+        if not isinstance(self.betas, (list, tuple)) or len(self.betas) != 2:
+            raise ValueError(f"optim.betas must be two numbers [beta1, beta2], got {self.betas!r}")
+        for i, beta in enumerate(self.betas):
+            _number(f"optim.betas[{i}]", beta, ge=0, lt=1)
+        self.betas = tuple(float(b) for b in self.betas)
+        _number("optim.weight_decay", self.weight_decay, ge=0)
+        _number("optim.weight_decay_end", self.weight_decay_end, ge=0)
+        _number("optim.warmup_steps", self.warmup_steps, integer=True, ge=0)
+        _number("optim.warmup_start_ratio", self.warmup_start_ratio, ge=0, le=1)
+        _number("optim.final_lr_ratio", self.final_lr_ratio, ge=0, le=1)
+        _number("optim.grad_clip", self.grad_clip)  # any finite value: <= 0 disables clipping
+        _number("optim.ema_decay", self.ema_decay, ge=0, lt=1)
 
     def peak_lr(self) -> float:
         return self.base_lr * self.batch_size / 256
@@ -65,26 +121,31 @@ class RunConfig:
     log_every: int = 10
     sample_every: int = 500  # sample grid PNGs
     ckpt_every: int = 500
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = 2  # >= 2 keeps an older checkpoint for --resume to fall back on if the newest is damaged
     label_smoothing: float = 0.0  # VAR only
     tokenizer: str = ""  # VAR only: path of the frozen tokenizer (ours .safetensors or the official .pth)
     init_from: str = ""  # optional weights to start from (fine-tuning)
     cache_tokens: bool = True  # VAR only: tokenise the dataset once (exact when there is no augmentation)
-    token_cache: str = ""  # VAR only: where that cache lives (default: <out_dir>/token_cache.pt); runs may share one
+    # VAR only: where that cache lives (safetensors, plus a .json manifest beside it; default
+    # <out_dir>/token_cache.safetensors); runs may share one
+    token_cache: str = ""
     sample_cfg: float = 1.5  # VAR only: guidance of the periodic sample grids
     samples_per_class: int = 8  # VAR only: one grid row per class (at most 10 classes)
     num_threads: int = 0  # CPU threads for torch (0: torch's default); 1-2 on a shared machine
 
     def __post_init__(self) -> None:
-        if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
-            raise ValueError(f"train.mixed_precision must be auto, no, bf16 or fp16, got {self.mixed_precision!r}")
-        if self.steps < 1:
-            raise ValueError(f"train.steps must be >= 1, got {self.steps}")
+        _number("train.steps", self.steps, integer=True, ge=1)
+        _number("train.seed", self.seed, integer=True, ge=0, le=MAX_SEED)
+        _text("train.out_dir", self.out_dir, nonempty=True)
+        _text("train.mixed_precision", self.mixed_precision, ("auto", "no", "bf16", "fp16"))
         for name in ("log_every", "sample_every", "ckpt_every", "keep_checkpoints", "samples_per_class"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
-        if not 0.0 <= self.label_smoothing < 1.0:
-            raise ValueError(f"train.label_smoothing must be in [0, 1), got {self.label_smoothing}")
+            _number(f"train.{name}", getattr(self, name), integer=True, ge=1)
+        _number("train.label_smoothing", self.label_smoothing, ge=0, lt=1)
+        for name in ("tokenizer", "init_from", "token_cache"):
+            _text(f"train.{name}", getattr(self, name))
+        _flag("train.cache_tokens", self.cache_tokens)
+        _number("train.sample_cfg", self.sample_cfg, ge=0)
+        _number("train.num_threads", self.num_threads, integer=True, ge=0)
 
 
 @dataclass
@@ -100,21 +161,35 @@ class TokenizerLossConfig:
     dead_code_every: int = 200  # re-seed never-used codes from encoder outputs; 0 disables
 
     def __post_init__(self) -> None:
+        for name in ("l1_weight", "l2_weight", "vq_weight", "gan_weight", "perceptual_weight"):
+            _number(f"loss.{name}", getattr(self, name), ge=0)
+        _number("loss.gan_start_step", self.gan_start_step, integer=True, ge=0)
+        _number("loss.disc_lr_ratio", self.disc_lr_ratio, gt=0)
+        _text("loss.perceptual_weights", self.perceptual_weights)
         if self.perceptual_weight > 0 and not self.perceptual_weights:
             raise ValueError("loss.perceptual_weight > 0 needs loss.perceptual_weights = path of a local torchvision "
                              "vgg16 state dict (nothing is downloaded); or set loss.perceptual_weight = 0")
-        if min(self.l1_weight, self.l2_weight, self.vq_weight, self.gan_weight, self.perceptual_weight) < 0:
-            raise ValueError("loss weights must be >= 0")
+        _number("loss.dead_code_every", self.dead_code_every, integer=True, ge=0)
 
 
 @dataclass
 class TrainConfig:
-    job: str = "var"  # tokenizer | var
+    job: str = "var"  # tokenizer | var | dd | code_drafter | code_refiner
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: RunConfig = field(default_factory=RunConfig)
     loss: TokenizerLossConfig = field(default_factory=TokenizerLossConfig)
     code: dict = field(default_factory=dict)  # [code] of CoDe jobs, validated as samplers.code.training.CoDeTrainConfig
+
+    def __post_init__(self) -> None:
+        _text("job", self.job, nonempty=True)
+        if not isinstance(self.code, dict):
+            raise TypeError(f"[code] must be a table, got {self.code!r}")
+        # the dd job reads its own data set ([dd]); for the others a procedural set smaller than one global
+        # batch could never fill a step (the Trainer checks the other kinds once they are read)
+        if self.job != "dd" and self.data.kind == "procedural" and self.data.num_samples < self.optim.batch_size:
+            raise ValueError(f"data.num_samples must be >= optim.batch_size ({self.optim.batch_size}: one global "
+                             f"batch), got {self.data.num_samples}")
 
 
 def model_configs_from_toml(path: str | Path):

@@ -3,6 +3,13 @@ clipping, the VAR lr/wd schedule, EMA, JSONL logs, sample grids, atomic resumabl
 
 A *job* (tokenizer or VAR, see `training/tokenizer_job.py`, `training/var_job.py`) supplies the models,
 how to fetch a batch from dataset indices, the loss, the sample grid and the exported weights.
+
+Run directory (`train.out_dir`): config.json (the full config + distributed setup), metrics.jsonl (one JSON
+record per logged step), samples/step_XXXXXXX.png, checkpoints/latest.txt (name of the newest complete
+checkpoint) and checkpoints/step_XXXXXXX/ (the newest `train.keep_checkpoints`; pickle-free, sealed by a
+sha256 manifest: see training/run_state.py), <job>.safetensors (the exported weights) and, for VAR jobs, the
+token cache (token_cache.safetensors + .json unless train.token_cache puts it elsewhere). `--resume` continues
+from the newest intact checkpoint: same data / optim / loss / seed settings, steps, logging and paths may change.
 """
 from __future__ import annotations
 
@@ -12,6 +19,7 @@ import os
 import random
 import shutil
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
@@ -26,6 +34,11 @@ from training.atomic import atomic_write
 from training.images import save_png_atomic
 from training.optim import EMA, build_adamw, set_schedule
 from training.config import TrainConfig
+from training.run_state import (StateFormatError, check_folder, load_tree, read_log_records, rng_state, save_tree,
+                                set_rng_state, write_manifest)
+
+STATE_FILES = ("state.json", "state.safetensors")
+STATE_KEYS = {"step", "epoch", "pos", "world_size", "wall_s", "config", "optimizers", "models", "ema", "scaler"}
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -46,6 +59,11 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
         torch.backends.cudnn.allow_tf32 = True
     handlers = [GradScalerKwargs(init_scale=2.0**11, growth_interval=1000)] if mp == "fp16" else []
     return Accelerator(mixed_precision=mp, cpu=not on_cuda, kwargs_handlers=handlers)
+
+
+def _plain(obj):
+    """As stored in JSON (tuples become lists), so a loaded config compares equal to the current one."""
+    return json.loads(json.dumps(obj))
 
 
 def resume_relevant(cfg: dict) -> dict:
@@ -215,6 +233,8 @@ class Trainer:
         torch.manual_seed(seed)
 
     def _save_checkpoint(self) -> None:
+        """Layout in training/run_state.py: every process writes its RNG state, the main process the rest,
+        then seals the folder with manifest.json (last) and renames it into place; latest.txt follows."""
         acc = self.acc
         name = f"step_{self.step:07d}"
         tmp, final = self.ckpt_dir / f"{name}.tmp", self.ckpt_dir / name
@@ -222,20 +242,18 @@ class Trainer:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         acc.wait_for_everyone()
-        rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
-        torch.save(rng, tmp / f"rng_rank{acc.process_index}.pt")
+        save_tree(tmp, f"rng_rank{acc.process_index}", rng_state())
         acc.wait_for_everyone()
         if acc.is_main_process:
             # The lr / wd schedule is a pure function of the step, so the step is the scheduler state.
             state = {"step": self.step, "epoch": self.epoch, "pos": self.pos, "world_size": acc.num_processes,
-                     "wall_s": self.wall_s, "config": resume_relevant(asdict(self.cfg)),
+                     "wall_s": self.wall_s, "config": _plain(resume_relevant(asdict(self.cfg))),
                      "optimizers": [o.state_dict() for o in self.optimizers],
                      "models": [acc.unwrap_model(m).state_dict() for m in self.job.all_models()],
                      "ema": self.ema.state_dict() if self.ema is not None else None,
                      "scaler": acc.scaler.state_dict() if acc.scaler is not None else None}
-            torch.save(state, tmp / "train_state.pt")
+            save_tree(tmp, "state", state)
+            write_manifest(tmp)
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
             atomic_write_bytes(self.ckpt_dir / "latest.txt", name.encode())
@@ -244,14 +262,39 @@ class Trainer:
                 shutil.rmtree(old, ignore_errors=True)
         acc.wait_for_everyone()
 
-    def _load_latest(self) -> None:
+    def _find_intact_checkpoint(self) -> tuple[Path, dict, set[str]]:
+        """The checkpoint latest.txt names, or else the newest intact older one (with a warning naming both).
+        Every process checks the same files, so all of them take the same one."""
         latest = self.ckpt_dir / "latest.txt"
         if not latest.exists():
             raise FileNotFoundError(f"--resume: no checkpoint in {self.ckpt_dir}; start without --resume")
-        folder = self.ckpt_dir / latest.read_text().strip()
-        state = torch.load(folder / "train_state.pt", map_location="cpu", weights_only=False)
-        now = resume_relevant(asdict(self.cfg))
-        changed = sorted(k for k in now if state.get("config", now).get(k) != now[k])  # first-version files lack it
+        named = Path(latest.read_text().strip()).name  # a name, never a path out of checkpoints/
+        older = sorted((p for p in self.ckpt_dir.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp")
+                        and p.name != named), reverse=True)
+        rejected = []
+        for folder in [self.ckpt_dir / named] + older:
+            problem, listed = check_folder(folder, STATE_FILES)
+            if problem is None:
+                try:
+                    state = load_tree(folder, "state")
+                    if not isinstance(state, dict) or not STATE_KEYS <= set(state) or not isinstance(state["config"], dict):
+                        raise StateFormatError(f"{folder / 'state.json'}: not a train state (keys {sorted(STATE_KEYS)})")
+                except StateFormatError as err:
+                    problem = str(err)
+            if problem is None:
+                if rejected and self.acc.is_main_process:
+                    warnings.warn(f"--resume: checkpoint {rejected[0][0]} is unusable ({rejected[0][1]}); resuming "
+                                  f"from the newest intact checkpoint {folder} instead", stacklevel=3)
+                return folder, state, listed
+            rejected.append((folder, problem))
+        raise ValueError(f"--resume: no intact checkpoint in {self.ckpt_dir} ("
+                         + "; ".join(f"{f.name}: {why}" for f, why in rejected)
+                         + "); start the run again without --resume in a fresh train.out_dir")
+
+    def _load_latest(self) -> None:
+        folder, state, listed = self._find_intact_checkpoint()
+        now = _plain(resume_relevant(asdict(self.cfg)))
+        changed = sorted(k for k in now if state["config"].get(k) != now[k])
         if changed:
             raise ValueError(f"--resume: the config differs from the run in {self.out} in {changed}; a resumed run must "
                              f"keep its data, optim, loss and seed settings (only steps, logging and paths may change)")
@@ -263,21 +306,21 @@ class Trainer:
             self.ema.load_state_dict(state["ema"])
         if self.acc.scaler is not None and state.get("scaler") is not None:
             self.acc.scaler.load_state_dict(state["scaler"])
-        self.step, self.epoch, self.pos, self.wall_s = state["step"], state["epoch"], state["pos"], state.get("wall_s", 0.0)
-        rng_file = folder / f"rng_rank{self.acc.process_index}.pt"
-        if state["world_size"] == self.acc.num_processes and rng_file.exists():
-            rng = torch.load(rng_file, weights_only=False)
-            random.setstate(rng["python"])
-            np.random.set_state(rng["numpy"])
-            torch.set_rng_state(rng["torch"])
-            if "cuda" in rng and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(rng["cuda"])
+        self.step, self.epoch, self.pos, self.wall_s = state["step"], state["epoch"], state["pos"], state["wall_s"]
+        rng_stem = f"rng_rank{self.acc.process_index}"
+        if state["world_size"] == self.acc.num_processes and f"{rng_stem}.json" in listed:
+            set_rng_state(load_tree(folder, rng_stem), str(folder / f"{rng_stem}.json"))
         else:
             self._seed_everything(False)
-        if self.acc.is_main_process:  # drop log lines written after the checkpoint we resume from
-            log = self.out / "metrics.jsonl"
-            if log.exists():
-                keep = [line for line in log.read_text().splitlines() if json.loads(line)["step"] <= self.step]
+        log = self.out / "metrics.jsonl"
+        if log.exists():  # every process reads it, so a corrupt log stops all of them, not just the main one
+            records, partial = read_log_records(log)
+            if self.acc.is_main_process:
+                if partial is not None:
+                    warnings.warn(f"--resume: dropped the partial last line of {log} (the run was killed while "
+                                  f"writing it): {partial[:80]!r}", stacklevel=3)
+                # drop log lines written after the checkpoint we resume from
+                keep = [line for line, record in records if record["step"] <= self.step]
                 atomic_write_bytes(log, ("\n".join(keep) + "\n" if keep else "").encode())
 
     def _export(self) -> Path:

@@ -1,22 +1,23 @@
 """VAR training job: teacher forcing on tokens of a frozen tokenizer, uniform per-token cross-entropy."""
 from __future__ import annotations
 
+import json
+import warnings
 from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from training.atomic import atomic_write, file_sha256
+from training.atomic import atomic_write, atomic_write_json, file_sha256
 from training.checkpoint import check_models_compatible, load_any, load_state_dict_checked, save_model
 from var.config import VARConfig
 from training.images import grid_image
 from var.model import VAR
 from training.config import TrainConfig
 from training.trainer import TrainJob
-
-
 
 
 class VARJob(TrainJob):
@@ -97,15 +98,19 @@ class VARJob(TrainJob):
     # ---- token cache --------------------------------------------------------------------------------
     @torch.no_grad()
     def _tokenise_dataset(self, device, main_process: bool, batch_size: int = 256):
-        """Tokens of every image, once (exact: the data pipeline has no random augmentation)."""
-        cache = Path(self.cfg.train.token_cache or Path(self.cfg.train.out_dir) / "token_cache.pt")
+        """Tokens of every image, once (exact: the data pipeline has no random augmentation). Cached
+        pickle-free (see TOKEN_CACHE_FORMAT); a corrupt or stale cache is rebuilt with a warning."""
+        cache = Path(self.cfg.train.token_cache or Path(self.cfg.train.out_dir) / "token_cache.safetensors")
         d = self.cfg.data
-        key = (f"{file_sha256(self.cfg.train.tokenizer)}:{len(self.dataset)}:{d.kind}:{d.root}:{d.split}:{d.image_size}:"
-               f"{d.num_samples}:{d.num_classes}:{self.cfg.train.seed}")
-        if cache.exists():
-            saved = torch.load(cache, weights_only=True)
-            if saved.get("key") == key:
-                return saved["tokens"], saved["labels"]
+        identity = {"tokenizer_sha256": file_sha256(self.cfg.train.tokenizer), "num_items": len(self.dataset),
+                    "kind": d.kind, "root": d.root, "split": d.split, "image_size": d.image_size,
+                    "num_samples": d.num_samples, "num_classes": d.num_classes, "seed": self.cfg.train.seed,
+                    "num_tokens": sum(p * p for p in self.patch_nums)}
+        cached, problem = read_token_cache(cache, identity)
+        if cached is not None:
+            return cached
+        if problem is not None and main_process:
+            warnings.warn(f"token cache {cache}: {problem}; rebuilding it", stacklevel=2)
         tokens, labels = [], []
         for start in tqdm(range(0, len(self.dataset), batch_size), desc="tokenise", disable=not main_process):
             imgs, labs = zip(*(self.dataset[i] for i in range(start, min(start + batch_size, len(self.dataset)))))
@@ -113,5 +118,52 @@ class VARJob(TrainJob):
             labels.append(torch.tensor(labs))
         result = torch.cat(tokens), torch.cat(labels)
         if main_process:
-            atomic_write(cache, lambda tmp: torch.save({"key": key, "tokens": result[0], "labels": result[1]}, tmp))
+            write_token_cache(cache, identity, *result)
         return result
+
+
+# Token cache format: `<cache>` is a safetensors file (tokens_NL int32, labels_N int64) and `<cache>.json` its
+# manifest (written after it): the identity it was built for (tokenizer weights sha256, dataset settings and
+# size, seed, tokens per image) and the data file's sha256.
+TOKEN_CACHE_FORMAT = "var-toolkit-token-cache"
+
+
+def token_cache_manifest(cache: Path) -> Path:
+    return cache.with_name(cache.name + ".json")
+
+
+def read_token_cache(cache: Path, identity: dict) -> tuple[tuple[torch.Tensor, torch.Tensor] | None, str | None]:
+    """((tokens, labels), None) when `cache` is intact and built for `identity`, else (None, why not; None
+    when there simply is no cache yet). Never unpickles: an old torch.save cache is just rebuilt."""
+    if not cache.exists():
+        return None, None
+    manifest = token_cache_manifest(cache)
+    try:
+        doc = json.loads(manifest.read_text())
+        if not isinstance(doc, dict) or doc.get("format") != TOKEN_CACHE_FORMAT:
+            raise ValueError(f"not a {TOKEN_CACHE_FORMAT} manifest")
+    except FileNotFoundError:
+        return None, f"no manifest {manifest.name} beside it (an old-format or interrupted cache)"
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        return None, f"its manifest {manifest.name} is unreadable ({err})"
+    stale = [k for k in identity if doc.get(k) != identity[k]]
+    if stale:
+        return None, f"stale (built for other {', '.join(stale)})"
+    if file_sha256(cache) != doc.get("sha256"):
+        return None, f"corrupt (its sha256 does not match {manifest.name})"
+    try:
+        saved = load_file(cache)
+        tokens, labels = saved["tokens_NL"], saved["labels_N"]
+    except Exception as err:  # safetensors raises its own error type for malformed files
+        return None, f"corrupt ({err})"
+    n, num_tokens = identity["num_items"], identity["num_tokens"]
+    if tokens.shape != (n, num_tokens) or tokens.dtype != torch.int32 or labels.shape != (n,):
+        return None, f"corrupt (tokens {tuple(tokens.shape)} {tokens.dtype}, labels {tuple(labels.shape)})"
+    return (tokens, labels), None
+
+
+def write_token_cache(cache: Path, identity: dict, tokens_NL: torch.Tensor, labels_N: torch.Tensor) -> None:
+    """Data first, manifest last: a kill in between leaves a cache whose manifest does not match (rebuilt)."""
+    atomic_write(cache, lambda tmp: save_file({"tokens_NL": tokens_NL.contiguous(), "labels_N": labels_N.contiguous()}, tmp))
+    atomic_write_json(token_cache_manifest(cache), {"format": TOKEN_CACHE_FORMAT, "version": 1, **identity,
+                                                   "sha256": file_sha256(cache)})
