@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import subprocess
 import sys
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -19,7 +21,7 @@ from test_training import REPO, TINY_VAE, params, read_log, write_var_config
 from tokenizers import VQVAE, VQVAEConfig
 from training.checkpoint import load_any, save_model
 from training.data import build_dataset
-from training.run_state import load_tree, write_manifest
+from training.run_state import load_tree, rng_state, save_tree, set_rng_state, write_manifest
 from training.var_job import VARJob, token_cache_manifest
 
 
@@ -77,6 +79,45 @@ def resume(cfg: Path, run: Path, *extra: str):
 
 
 # ---- no pickle on resume -------------------------------------------------------------------------------
+def test_state_tree_round_trips_exactly(tmp_path):
+    """Whatever optimizers / models / scalers hand over comes back equal in value, type and dtype."""
+    tree = {"state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.randn(2, 3)}, 7: {}},
+            "param_groups": [{"params": [0, 7], "betas": (0.9, 0.95), "lr": 1 / 3, "fused": None, "amsgrad": False}],
+            "__dunder__": "kept", "weights": {"w": torch.randn(4, dtype=torch.bfloat16), "idx": torch.arange(5)},
+            "empty": torch.zeros(0, 2), "nested": [(1, "a"), [2.5e-300, float("inf")]]}
+    tied = torch.randn(3)
+    tree["tied"] = {"a": tied, "b": tied}  # shared storage (tied weights) must not trip safetensors
+    save_tree(tmp_path, "t", tree)
+    back = load_tree(tmp_path, "t")
+
+    def same(x, y):
+        assert type(x) is type(y), (x, y)
+        if isinstance(x, torch.Tensor):
+            assert x.dtype == y.dtype and torch.equal(x, y)
+        elif isinstance(x, dict):
+            assert list(x) == list(y)
+            for k in x:
+                same(x[k], y[k])
+        elif isinstance(x, (list, tuple)):
+            assert len(x) == len(y)
+            for u, v in zip(x, y):
+                same(u, v)
+        else:
+            assert x == y
+
+    same(tree, back)
+
+
+def test_rng_states_round_trip(tmp_path):
+    random.seed(5), np.random.seed(6), torch.manual_seed(7)
+    random.gauss(0, 1), np.random.standard_normal()  # a cached gaussian is part of both states
+    save_tree(tmp_path, "rng", rng_state())
+    draws = (random.random(), random.gauss(0, 1), np.random.standard_normal(3).tolist(), torch.rand(3))
+    set_rng_state(load_tree(tmp_path, "rng"), "rng.json")
+    again = (random.random(), random.gauss(0, 1), np.random.standard_normal(3).tolist(), torch.rand(3))
+    assert draws[:3] == again[:3] and torch.equal(draws[3], again[3])
+
+
 def test_checkpoints_hold_no_pickle(base_run):
     ckpt = base_run[0] / "checkpoints" / "step_0000003"
     assert sorted(p.name for p in ckpt.iterdir()) == ["manifest.json", "rng_rank0.json", "rng_rank0.safetensors",
