@@ -17,7 +17,10 @@ import torch
 from safetensors.torch import load_file
 
 import train
-from test_training import REPO, TINY_VAE, params, read_log, write_var_config
+try:
+    from tests.test_training import REPO, TINY_VAE, params, read_log, write_var_config
+except ImportError:  # tests/ without __init__.py: a third-party `tests` package may shadow it, tests/ is on sys.path
+    from test_training import REPO, TINY_VAE, params, read_log, write_var_config
 from tokenizers import VQVAE, VQVAEConfig
 from training.checkpoint import load_any, save_model
 from training.data import build_dataset
