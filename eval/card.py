@@ -35,6 +35,34 @@ def _fmt(value) -> str:
     return "`" + json.dumps(value) + "`" if isinstance(value, (dict, list)) else str(value)
 
 
+def _fmt_ci(ci: dict | None) -> str:
+    return "" if not ci else f"[{ci['low']:.4g}, {ci['high']:.4g}]"
+
+
+def comparison_markdown(cards: dict[str, dict], part: str = "proxy") -> str:
+    """Metrics of several eval cards side by side with their intervals; `*` marks a value whose interval does
+    not overlap the first card's (significantly_different), so the difference is not sampling noise."""
+    from eval.intervals import significantly_different
+
+    names = list(cards)
+    evals = {n: cards[n]["evaluation"][part] for n in names}
+    base = evals[names[0]]
+    keys = [k for k in base["metrics"] if k != "num_samples" and not k.endswith("_std")]
+    lines = ["| metric | " + " | ".join(names) + " |", "| --- |" + " --- |" * len(names)]
+    for key in keys:
+        cells = []
+        for n in names:
+            ev = evals[n]
+            value, ci = ev["metrics"].get(key), ev.get("intervals", {}).get(key)
+            cell = "" if value is None else f"{_fmt(value)} {_fmt_ci(ci)}".strip()
+            base_ci = base.get("intervals", {}).get(key)
+            if n != names[0] and ci and base_ci and significantly_different(ci, base_ci):
+                cell += " *"
+            cells.append(cell)
+        lines.append(f"| {METRIC_LABELS.get(key, key)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + f"\n\n`*`: 95 % interval disjoint from {names[0]}'s.\n"
+
+
 def _flatten(d: dict, prefix: str = "") -> list[tuple[str, object]]:
     rows = []
     for k, v in d.items():
@@ -52,8 +80,16 @@ def card_markdown(card: dict) -> str:
         if part not in card["evaluation"]:
             continue
         ev = card["evaluation"][part]
-        lines += [f"## {title}", "", "| metric | value |", "| --- | --- |"]
-        lines += [f"| {METRIC_LABELS.get(k, k)} | {_fmt(v)} |" for k, v in ev["metrics"].items()]
+        cis = ev.get("intervals", {})
+        lines += [f"## {title}", "", "| metric | value | 95 % interval |", "| --- | --- | --- |"]
+        lines += [f"| {METRIC_LABELS.get(k, k)} | {_fmt(v)} | {_fmt_ci(cis.get(k))} |" for k, v in ev["metrics"].items()]
+        if cis:
+            methods = sorted({f"{METRIC_LABELS.get(k, k)}: {ci['method']}" for k, ci in cis.items()})
+            lines += ["", "Intervals: " + "; ".join(methods) + "."]
+        if "protocol" in ev:
+            p = ev["protocol"]
+            lines += ["", f"FID protocol: mode `{p['fid_mode']}`, resize {p['resize']}, {p['num_samples']} samples, "
+                          f"reference {p.get('reference_stats')}."]
         ref = ev["reference"]
         lines += ["", f"Feature network `{ev['network']['name']}` (weights sha256 `{ev['network'].get('weights_sha256')}`); "
                       f"reference `{ref.get('path')}` ({ref.get('stats_from')}), content sha256 `{ref.get('content_sha256')}`. "
@@ -103,4 +139,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from training.errors import run_cli
+
+    sys.exit(run_cli(main))

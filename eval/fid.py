@@ -5,7 +5,8 @@
     python -m eval.fid --samples samples/fmnist/ --proxy-classifier eval/weights/fmnist_classifier.safetensors
 
 --samples: a folder of PNG/JPEG files or an ADM-format .npz (`arr_0` uint8 NHWC, optional `arr_1` labels).
---ref: our statistics file (`python -m eval.ref_stats`) or an ADM reference batch. The proxy compares with
+--ref: our statistics file (`python -m eval.ref_stats`) or an ADM reference batch; --fid-mode picks the
+protocol (adm / recompute / clean, see the README's FID modes table; default: the one --ref was made in). The proxy compares with
 the real Fashion-MNIST test set (--proxy-data) or a proxy statistics file (--proxy-ref). Prints the metrics
 and writes them as JSON (--out, default next to the samples).
 """
@@ -22,22 +23,33 @@ import scipy
 import torch
 
 from eval.data import open_images
-from eval.harness import evaluate, fashion_mnist_reference, load_reference, pick_device
+from eval.harness import (FIDModeError, default_fid_mode, evaluate, fashion_mnist_reference, load_reference,
+                          pick_device)
+from eval.resize import FID_MODES
 from eval.proxy import write_json_atomic
 
 DEFAULT_FMNIST = "/usr/share/datasets/fashion-mnist"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from training.errors import make_parser
+
+    ap = make_parser(description=__doc__)
     ap.add_argument("--samples", required=True, help="folder of PNG/JPEG or ADM .npz (arr_0 uint8 NHWC)")
     ap.add_argument("--labels", help="intended class labels (.npy or .txt, one per image in file order); "
                                      "default: arr_1 / labels of the .npz")
     ap.add_argument("--ref", help="reference statistics .npz (ours or ADM's reference batch) for Inception metrics")
     ap.add_argument("--inception", help="local path of pt_inception-2015-12-05-6726825d.pth")
-    ap.add_argument("--ref-stats-from-file", action="store_true",
-                    help="for an ADM reference batch, use its stored (TensorFlow) mu/sigma instead of statistics "
-                         "recomputed from its arr_0 images with our network")
+    ap.add_argument("--fid-mode", choices=("auto",) + FID_MODES, default="auto",
+                    help="adm: the reference file's stored statistics as they are + the TF graph's input path "
+                         "(what published ImageNet FIDs use); recompute: both sides through our network with "
+                         "pytorch-fid's resize; clean: clean-fid's PIL bicubic resize on both sides; auto (default): "
+                         "the mode the --ref file's statistics were made in (adm for an ADM reference batch), "
+                         "recompute for a file of images only")
+    ap.add_argument("--ref-stats-from-file", action="store_true", help=argparse.SUPPRESS)  # old name of --fid-mode adm
+    ap.add_argument("--bootstrap", type=int, default=200,
+                    help="bootstrap resamples for the 95%% confidence intervals (0: no intervals)")
+    ap.add_argument("--ci-seed", type=int, default=0, help="seed of the bootstrap resampling")
     ap.add_argument("--proxy-classifier", help="proxy classifier .safetensors (eval/weights/fmnist_classifier.safetensors)")
     ap.add_argument("--proxy-ref", help="proxy statistics .npz from `python -m eval.ref_stats --proxy-classifier ...`")
     ap.add_argument("--proxy-data", default=DEFAULT_FMNIST, help="Fashion-MNIST folder (real test set for the proxy)")
@@ -76,13 +88,14 @@ def run(args: argparse.Namespace) -> dict:
               "device": str(device), "software": software_versions(), "settings": vars(args)}
     start = time.perf_counter()
     common = dict(batch_size=args.batch_size, device=device, kid_subsets=args.kid_subsets,
-                  kid_subset_size=args.kid_subset_size, is_splits=args.is_splits)
+                  kid_subset_size=args.kid_subset_size, is_splits=args.is_splits,
+                  bootstrap=getattr(args, "bootstrap", 0), ci_seed=getattr(args, "ci_seed", 0))
     if args.inception:
         from eval.inception import InceptionFeatures
 
-        net = InceptionFeatures.from_file(args.inception, device)
-        ref = load_reference(args.ref, net, batch_size=args.batch_size, device=device,
-                             recompute_from_images=not args.ref_stats_from_file)
+        mode = resolve_fid_mode(args)
+        net = InceptionFeatures.from_file(args.inception, device, mode=mode)
+        ref = load_reference(args.ref, net, batch_size=args.batch_size, device=device)
         report["inception"] = evaluate(net, source, ref, **common)
     if args.proxy_classifier:
         from eval.proxy import load_classifier
@@ -100,6 +113,15 @@ def run(args: argparse.Namespace) -> dict:
     return report
 
 
+def resolve_fid_mode(args: argparse.Namespace) -> str:
+    mode = getattr(args, "fid_mode", "auto")
+    if getattr(args, "ref_stats_from_file", False):
+        if mode not in ("auto", "adm"):
+            raise SystemExit(f"--ref-stats-from-file means --fid-mode adm, which contradicts --fid-mode {mode}")
+        mode = "adm"
+    return default_fid_mode(args.ref) if mode == "auto" else mode
+
+
 def default_out(samples: str | Path) -> Path:
     samples = Path(samples)
     return samples.parent / f"{samples.stem if samples.is_file() else samples.name}_metrics.json"
@@ -109,14 +131,26 @@ def format_metrics(report: dict) -> str:
     lines = []
     for part in ("inception", "proxy"):
         if part in report:
+            cis = report[part].get("intervals", {})
             for key, value in report[part]["metrics"].items():
-                lines.append(f"{part:9s} {key:18s} {value:.6g}" if isinstance(value, float) else f"{part:9s} {key:18s} {value}")
+                text = f"{value:.6g}" if isinstance(value, float) else str(value)
+                if key in cis:
+                    text += f"  [{cis[key]['low']:.6g}, {cis[key]['high']:.6g}] ({cis[key]['level']:.0%} CI)"
+                lines.append(f"{part:9s} {key:18s} {text}")
+            if "protocol" in report[part]:
+                p = report[part]["protocol"]
+                lines.append(f"{part:9s} FID mode {p['fid_mode']}, resize {p['resize']}, {p['num_samples']} samples, "
+                             f"Inception sha256 {p['weights_sha256']}")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    report = run(args)
+    try:
+        report = run(args)
+    except FIDModeError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     out = Path(args.out) if args.out else default_out(args.samples)
     write_json_atomic(out, report)
     print(format_metrics(report))
@@ -125,4 +159,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from training.errors import run_cli
+
+    sys.exit(run_cli(main))

@@ -5,6 +5,7 @@ The same code path serves Inception (FID, sFID, IS, precision/recall, KID) and a
 """
 from __future__ import annotations
 
+import json
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ import torch
 from eval.data import ArraySource, ImageSource, RefStats, fashion_mnist_uint8, load_npz, load_ref_stats, npz_images
 from eval.features import extract_features
 from eval.frechet import feature_stats
+from eval.intervals import metric_intervals
 from eval.metrics import compute_metrics
 
 
@@ -36,8 +38,34 @@ def stats_from_features(feats: dict[str, np.ndarray], name: str) -> dict[str, np
 
 
 def network_info(net) -> dict:
-    return {"name": net.name, "weights_sha256": getattr(net, "weights_sha256", None),
+    info = {"name": net.name, "weights_sha256": getattr(net, "weights_sha256", None),
             "feature_dims": {k: int(v) for k, v in getattr(net, "feature_dims", {}).items()}}
+    if getattr(net, "fid_mode", None):
+        info.update(fid_mode=net.fid_mode, resize=net.resize)
+    return info
+
+
+class FIDModeError(ValueError):
+    """Reference statistics and sample features come from different FID protocols."""
+
+
+def stored_fid_mode(data: dict[str, np.ndarray]) -> str | None:
+    """The FID mode of the statistics a reference file carries: ours record it; an ADM reference batch's
+    came from the TF graph ("adm"); ours from before modes existed used pytorch-fid's path ("recompute")."""
+    if "mu" not in data:
+        return None
+    if "meta" not in data:
+        return "adm"
+    meta = json.loads(str(data["meta"]))
+    network = meta.get("network", {})
+    if network.get("name") != "inception-v3-fid":
+        return None  # proxy statistics: the FID protocol does not apply
+    return meta.get("fid_mode") or network.get("fid_mode") or "recompute"
+
+
+def default_fid_mode(path: str | Path) -> str:
+    """"adm" for an ADM reference batch, the recorded mode of our statistics, "recompute" for images only."""
+    return stored_fid_mode(load_npz(path)) or "recompute"
 
 
 def check_reference_network(ref: RefStats, net, pool_dim: int) -> None:
@@ -56,31 +84,42 @@ def check_reference_network(ref: RefStats, net, pool_dim: int) -> None:
                       f"(sha256 {stored['weights_sha256'][:12]}... vs {sha[:12]}...); the metrics are not comparable")
 
 
-def load_reference(path: str | Path, net, *, batch_size: int = 100, device=None,
-                   recompute_from_images: bool = True) -> Reference:
-    """A statistics file (ours or ADM's) or an ADM reference batch. For a batch with `arr_0` images, features
-    are computed with `net` (needed for KID / precision-recall); FID uses statistics of those same features
-    unless `recompute_from_images=False`, in which case the file's stored mu/sigma are used as ADM does
-    (those come from TensorFlow's Inception, so they differ slightly from any PyTorch network's)."""
+def load_reference(path: str | Path, net, *, batch_size: int = 100, device=None) -> Reference:
+    """A statistics file (ours or ADM's) or an ADM reference batch, for `net` in its FID mode.
+
+    Stored statistics are used as they are when they were made in the network's FID mode (always the case
+    for an ADM batch in mode "adm"); otherwise they are recomputed from the file's `arr_0` images with `net`,
+    and a statistics-only file of another mode is refused (FIDModeError). Reference features for KID /
+    precision-recall come from `arr_0` through `net`, or from the file's stored "pool" features."""
     data = load_npz(path)
     info = {"path": str(path)}
+    mode, stored_mode = getattr(net, "fid_mode", None), stored_fid_mode(data)
+    if mode and stored_mode and stored_mode != mode and "arr_0" not in data:
+        raise FIDModeError(f"reference statistics {path} were made in FID mode '{stored_mode}' but the samples are "
+                           f"evaluated in mode '{mode}'; use --fid-mode {stored_mode} or recompute the statistics "
+                           f"with `python -m eval.ref_stats --fid-mode {mode}`")
+    use_stored = "mu" in data and (stored_mode is None or stored_mode == mode)
     feats = None
     if "arr_0" in data:
         source = npz_images(path, data)
         feats = extract_features(net, source, batch_size, device, desc=f"reference features ({net.name})")
         info["num_images"] = len(source)
-    if feats is not None and (recompute_from_images or "mu" not in data):
+    if feats is not None and not use_stored:
         stats = stats_from_features(feats, "reference")
-        info["stats_from"] = f"features of arr_0 computed with {net.name}"
+        info["stats_from"] = f"features of arr_0 computed with {net.name}" + (f" (FID mode {mode})" if mode else "")
         info["content_sha256"] = RefStats(stats).content_hash
+        if mode:
+            info["fid_mode"] = mode
         return Reference(stats, feats, info)
     ref = load_ref_stats(path, data)
     pool_dim = int(net.feature_dims["pool"]) if hasattr(net, "feature_dims") else ref.arrays["mu"].shape[0]
     check_reference_network(ref, net, pool_dim)
     if feats is None and "pool" in ref.arrays:
         feats = {"pool": ref.arrays["pool"]}
-    info.update(stats_from=f"stored statistics ({ref.meta.get('format')})", content_sha256=ref.content_hash,
-                ref_meta={k: v for k, v in ref.meta.items() if k != "format"})
+    info.update(stats_from=f"stored statistics ({ref.meta.get('format')}), used as they are",
+                content_sha256=ref.content_hash, ref_meta={k: v for k, v in ref.meta.items() if k != "format"})
+    if stored_mode:
+        info["fid_mode"] = stored_mode
     return Reference({k: ref.arrays[k] for k in ("mu", "sigma", "mu_s", "sigma_s") if k in ref.arrays}, feats, info)
 
 
@@ -96,8 +135,10 @@ def fashion_mnist_reference(root: str | Path, net, image_size: int, batch_size: 
 
 
 def evaluate(net, source: ImageSource, reference: Reference, *, prefix: str = "", batch_size: int = 100,
-             device=None, labels: np.ndarray | None = None, compute_is: bool = True, **metric_kwargs) -> dict:
-    """Features of `source` with `net`, then every metric the features and the reference allow."""
+             device=None, labels: np.ndarray | None = None, compute_is: bool = True, bootstrap: int = 0,
+             ci_seed: int = 0, ci_level: float = 0.95, **metric_kwargs) -> dict:
+    """Features of `source` with `net`, then every metric the features and the reference allow; with
+    `bootstrap` > 0 also their confidence intervals (eval.intervals.metric_intervals)."""
     keys = tuple(k for k in net.feature_names if k != "spatial" or "mu_s" in reference.stats)
     t0 = time.perf_counter()
     feats = extract_features(net, source, batch_size, device, desc=f"sample features ({net.name})", keys=keys)
@@ -105,8 +146,17 @@ def evaluate(net, source: ImageSource, reference: Reference, *, prefix: str = ""
     metrics = compute_metrics(feats, reference.stats, reference.feats, labels=labels, prefix=prefix,
                               compute_is=compute_is, device=device or "cpu", **metric_kwargs)
     t2 = time.perf_counter()
-    return {"metrics": metrics, "network": network_info(net), "reference": reference.info,
-            "timings_s": {"features": round(t1 - t0, 3), "metrics": round(t2 - t1, 3)}}
+    report = {"metrics": metrics, "network": network_info(net), "reference": reference.info}
+    if getattr(net, "fid_mode", None):
+        report["protocol"] = {"fid_mode": net.fid_mode, "weights_sha256": getattr(net, "weights_sha256", None),
+                              "resize": net.resize, "num_samples": len(source),
+                              "reference_stats": reference.info.get("stats_from")}
+    if bootstrap > 0:
+        report["intervals"] = metric_intervals(feats, reference.stats, reference.feats, metrics, prefix=prefix,
+                                               n_boot=bootstrap, seed=ci_seed, level=ci_level)
+    report["timings_s"] = {"features": round(t1 - t0, 3), "metrics": round(t2 - t1, 3),
+                           "intervals": round(time.perf_counter() - t2, 3)}
+    return report
 
 
 def pick_device(name: str | None) -> torch.device:

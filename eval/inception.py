@@ -24,6 +24,7 @@ from einops import rearrange
 from torch import nn
 from torchvision.models.inception import BasicConv2d, InceptionA, InceptionB, InceptionC, InceptionD, InceptionE
 
+from eval.resize import FID_MODES, RESIZE_DESCRIPTIONS, clean_resize_bicubic, tf1_resize_bilinear, torch_resize_bilinear
 from training.atomic import file_sha256
 
 FID_WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
@@ -115,19 +116,27 @@ class FIDInceptionV3(nn.Module):
 class InceptionFeatures(nn.Module):
     """FeatureNetwork: images (B, 3, H, W) float in [0, 1] (any size) -> pool / spatial / logits.
 
-    Pre-processing is pytorch-fid's: bilinear resize to 299x299 (align_corners=False, no antialiasing),
-    then 2x - 1. FID values therefore match pytorch-fid; they are close to, not bit-equal with, ADM's
-    TensorFlow evaluator, whose resize differs slightly.
+    The FID mode picks the input path in front of the same network (see eval.resize):
+      * "recompute" (default here): pytorch-fid's: torch bilinear resize to 299 with half-pixel centres,
+        then 2x - 1; values match pytorch-fid;
+      * "adm": the TF graph's (ADM evaluator, torch-fidelity): pixels in [0, 255], TF1 resize_bilinear
+        without half-pixel centres, then (x - 128) / 128;
+      * "clean": clean-fid's: PIL bicubic per channel on float pixels, then (x - 128) / 128.
     """
 
     name = "inception-v3-fid"
     feature_names = ("pool", "spatial", "logits")
     feature_dims = {"pool": 2048, "spatial": SPATIAL_CHANNELS * 17 * 17, "logits": NUM_CLASSES_FID}
 
-    def __init__(self, net: FIDInceptionV3 | None = None, weights_sha256: str | None = None, channels_last: bool = True):
+    def __init__(self, net: FIDInceptionV3 | None = None, weights_sha256: str | None = None, channels_last: bool = True,
+                 mode: str = "recompute"):
         super().__init__()
+        if mode not in FID_MODES:
+            raise ValueError(f"unknown FID mode {mode!r}; choose one of {', '.join(FID_MODES)}")
         self.net = net if net is not None else FIDInceptionV3()
         self.weights_sha256 = weights_sha256
+        self.fid_mode = mode
+        self.resize = RESIZE_DESCRIPTIONS[mode]
         # NHWC lets oneDNN / cuDNN pick faster conv kernels (1.4x on CPU, see benchmarks/results/bench_features_*.json);
         # features change only by float reassociation (~1e-5 absolute)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
@@ -135,18 +144,29 @@ class InceptionFeatures(nn.Module):
         self.eval()
 
     @classmethod
-    def from_file(cls, path: str | Path | None, device: str | torch.device = "cpu") -> "InceptionFeatures":
-        return cls(*load_fid_inception(path)).to(device).eval()
+    def from_file(cls, path: str | Path | None, device: str | torch.device = "cpu",
+                  mode: str = "recompute") -> "InceptionFeatures":
+        return cls(*load_fid_inception(path), mode=mode).to(device).eval()
 
-    def forward(self, img_B3HW_01: torch.Tensor) -> dict[str, torch.Tensor]:
+    def with_mode(self, mode: str) -> "InceptionFeatures":
+        """The same network (shared weights) behind another input path."""
+        return InceptionFeatures(self.net, self.weights_sha256, self.memory_format == torch.channels_last, mode)
+
+    def preprocess(self, img_B3HW_01: torch.Tensor) -> torch.Tensor:
         if img_B3HW_01.ndim != 4 or img_B3HW_01.shape[1] != 3:
             raise ValueError(f"Inception expects images (B, 3, H, W), got {tuple(img_B3HW_01.shape)}")
         x = img_B3HW_01.float()
-        if x.shape[-2:] != (299, 299):
-            x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
-        return self.net((2 * x - 1).contiguous(memory_format=self.memory_format))
+        if self.fid_mode == "recompute":
+            if x.shape[-2:] != (299, 299):
+                x = torch_resize_bilinear(x)
+            return 2 * x - 1
+        # the TF graph and clean-fid take pixels in [0, 255] and normalise with 128, not 127.5
+        x255 = x * 255
+        x255 = tf1_resize_bilinear(x255) if self.fid_mode == "adm" else clean_resize_bicubic(x255)
+        return (x255 - 128) / 128
 
-
+    def forward(self, img_B3HW_01: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.net(self.preprocess(img_B3HW_01).contiguous(memory_format=self.memory_format))
 
 
 def load_fid_inception(path: str | Path | None) -> tuple[FIDInceptionV3, str]:

@@ -1,7 +1,8 @@
 """Compute and save reference statistics (mu/sigma, spatial mu_s/sigma_s, raw pool features) for one network.
 
     # Inception statistics of real images (folder of PNG/JPEG, or an ADM .npz with arr_0)
-    python -m eval.ref_stats --images data/real_256/ --inception pt_inception-2015-12-05-6726825d.pth --out ref.npz
+    python -m eval.ref_stats --images data/real_256/ --inception pt_inception-2015-12-05-6726825d.pth \
+        [--fid-mode adm|recompute|clean] --out ref.npz
     # proxy statistics of the Fashion-MNIST test set
     python -m eval.ref_stats --fashion-mnist /usr/share/datasets/fashion-mnist \
         --proxy-classifier eval/weights/fmnist_classifier.safetensors --out benchmarks/results/fmnist_test_proxy.npz
@@ -21,10 +22,13 @@ import torch
 from eval.data import ArraySource, fashion_mnist_uint8, open_images, save_ref_stats
 from eval.features import extract_features
 from eval.harness import network_info, pick_device, stats_from_features
+from eval.resize import FID_MODES
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from training.errors import make_parser
+
+    ap = make_parser(description=__doc__)
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--images", help="folder of PNG/JPEG or ADM .npz (arr_0 uint8 NHWC)")
     src.add_argument("--fashion-mnist", help="Fashion-MNIST folder (idx files)")
@@ -33,6 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     net_group = ap.add_mutually_exclusive_group(required=True)
     net_group.add_argument("--inception", help="local path of pt_inception-2015-12-05-6726825d.pth")
     net_group.add_argument("--proxy-classifier", help="proxy classifier .safetensors")
+    ap.add_argument("--fid-mode", choices=FID_MODES, default="recompute",
+                    help="Inception input path (see `python -m eval.fid --help`); recorded in the file, and "
+                         "eval.fid refuses to compare it with samples evaluated in another mode")
     ap.add_argument("--out", required=True, help="output .npz")
     ap.add_argument("--no-features", action="store_true",
                     help="store only mu/sigma (smaller; KID and precision/recall then need the images)")
@@ -47,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.inception:
         from eval.inception import InceptionFeatures
 
-        net = InceptionFeatures.from_file(args.inception, device)
+        net = InceptionFeatures.from_file(args.inception, device, mode=args.fid_mode)
     else:
         from eval.proxy import load_classifier
 
@@ -65,12 +72,16 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_features:
         arrays["pool"] = feats["pool"].astype(np.float32)
     meta = {"network": network_info(net), "source": origin, "num_images": len(source),
+            **({"fid_mode": net.fid_mode} if getattr(net, "fid_mode", None) else {}),
             "image_size": list(source.image_size), "seconds": round(time.perf_counter() - start, 2)}
     content_hash = save_ref_stats(args.out, arrays, meta)
-    print(f"wrote {args.out}: {len(source)} images, {net.name}, pool dim {arrays['mu'].shape[0]}, "
+    mode = f", FID mode {net.fid_mode}" if getattr(net, "fid_mode", None) else ""
+    print(f"wrote {args.out}: {len(source)} images, {net.name}{mode}, pool dim {arrays['mu'].shape[0]}, "
           f"content sha256 {content_hash}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from training.errors import run_cli
+
+    sys.exit(run_cli(main))

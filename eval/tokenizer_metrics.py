@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from eval.data import ArraySource, fashion_mnist_uint8, open_images
 from eval.features import uint8_to_input
+from eval.intervals import mean_ci
 
 
 def psnr(x_B3HW: torch.Tensor, y_B3HW: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
@@ -117,6 +118,8 @@ def evaluate_tokenizer(vae, source, batch_size: int = 64, device: torch.device |
               "codebook": [{"scale": si, "patch_num": pn, **s}
                            for si, (pn, s) in enumerate(zip(vae.patch_nums, codebook_stats(counts)))],
               "codebook_usage_all_scales": float((counts.sum(0) > 0).mean())}
+    if len(finite) >= 2:  # exact reconstructions (PSNR = inf) are counted apart, as in psnr_db
+        report["intervals"] = {"psnr_db": mean_ci(finite.numpy()), "ssim": mean_ci(torch.cat(ssims).numpy())}
     for name, (orig, recon) in feats.items():
         a, b = feature_stats(np.concatenate(orig), f"{name} originals"), feature_stats(np.concatenate(recon), f"{name} recon")
         report["rfid" if name == "inception" else f"{name}_rfd"] = frechet_distance(a.mu, a.sigma, b.mu, b.sigma)
@@ -129,8 +132,9 @@ def main(argv: list[str] | None = None) -> int:
     from eval.harness import pick_device
     from eval.proxy import write_json_atomic
     from training.checkpoint import load_any
+    from training.errors import make_parser
 
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = make_parser(description=__doc__)
     ap.add_argument("--tokenizer", required=True, help="our .safetensors or the official vae_ch160v4096z32.pth")
     ap.add_argument("--data", required=True, help="Fashion-MNIST folder, image folder or ADM .npz")
     ap.add_argument("--split", default="test", choices=("train", "test"))
@@ -176,4 +180,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from training.errors import run_cli
+
+    sys.exit(run_cli(main))

@@ -1,0 +1,135 @@
+"""Confidence intervals: coverage of known true values over many seeds, closed forms, and the card wiring."""
+import numpy as np
+import pytest
+from scipy import stats as sps
+
+from eval.intervals import (bootstrap_ci, fd_bootstrap_ci, kid_bootstrap_ci, mean_ci, metric_intervals,
+                            paired_difference_ci, significantly_different, wilson_ci)
+
+SEEDS = 100
+
+
+def _covered(ci: dict, truth: float) -> bool:
+    return ci["low"] <= truth <= ci["high"]
+
+
+def test_mean_intervals_cover_the_true_mean():
+    t_hits = pct_hits = bca_hits = 0
+    for seed in range(SEEDS):
+        x = np.random.default_rng(seed).normal(size=100) * 2 + 1
+        t_hits += _covered(mean_ci(x), 1.0)
+        pct_hits += _covered(bootstrap_ci(x, lambda r: r.mean(axis=1), n_boot=400, seed=seed), 1.0)
+        bca_hits += _covered(bootstrap_ci(x, lambda r: r.mean(axis=1), n_boot=400, seed=seed, method="bca"), 1.0)
+    assert t_hits >= 90 and pct_hits >= 90 and bca_hits >= 90, (t_hits, pct_hits, bca_hits)
+
+
+def test_mean_ci_is_the_t_interval_and_skips_infinite_psnr():
+    x = np.array([20.0, 22.0, 25.0, np.inf, 21.0])
+    finite = x[np.isfinite(x)]
+    half = sps.t.ppf(0.975, 3) * finite.std(ddof=1) / 2
+    ci = mean_ci(x)
+    assert ci["n"] == 4 and ci["low"] == pytest.approx(finite.mean() - half) and ci["high"] == pytest.approx(finite.mean() + half)
+
+
+def test_bca_of_a_skewed_statistic_is_asymmetric_and_percentile_is_not_for_symmetric_data():
+    x = np.random.default_rng(0).exponential(size=200)
+    ci = bootstrap_ci(x, lambda r: r.var(axis=1), n_boot=2000, method="bca")
+    est = x.var()
+    assert ci["high"] - est > est - ci["low"]  # right-skewed sampling distribution of a variance
+
+
+def test_wilson_matches_the_score_equation_and_covers():
+    # independent truth: the Wilson bounds are the roots p of (k/n - p)^2 = z^2 p (1 - p) / n
+    k, n, z = 7, 40, sps.norm.ppf(0.975)
+    roots = np.sort(np.roots([1 + z * z / n, -(2 * k / n + z * z / n), (k / n) ** 2]))
+    ci = wilson_ci(k, n)
+    assert (ci["low"], ci["high"]) == pytest.approx(tuple(roots), rel=1e-10)
+    assert wilson_ci(0, 10)["low"] == 0.0 and wilson_ci(10, 10)["high"] == pytest.approx(1.0)
+    hits = sum(_covered(wilson_ci(int(np.random.default_rng(s).binomial(50, 0.3)), 50), 0.3) for s in range(SEEDS))
+    assert hits >= 90
+    with pytest.raises(ValueError, match="successes"):
+        wilson_ci(11, 10)
+
+
+def test_fd_interval_covers_the_true_distance_between_gaussians():
+    # equal covariances: FD = |mu1 - mu2|^2 exactly; the estimate itself is biased upwards by O(d^2 / N)
+    truth, both_hits, fixed_hits = 2.25, 0, 0
+    for seed in range(SEEDS):
+        rng = np.random.default_rng(seed)
+        x, y = rng.normal(size=(300, 4)), rng.normal(size=(300, 4))
+        y[:, 0] += 1.5
+        both_hits += _covered(fd_bootstrap_ci(x, y, n_boot=100, seed=seed), truth)
+        # the reference known exactly (stored statistics): only the sample side is resampled
+        fixed_hits += _covered(fd_bootstrap_ci(x, None, [1.5, 0, 0, 0], np.eye(4), n_boot=100, seed=seed), truth)
+    assert both_hits >= 90 and fixed_hits >= 90, (both_hits, fixed_hits)
+
+
+def test_kid_interval_covers_the_closed_form_mmd():
+    # d = 1: k(x, y) = (xy + 1)^3, so MMD^2 = (m3P - m3Q)^2 + 3 (m2P - m2Q)^2 + 3 (m1P - m1Q)^2 with raw moments
+    mu = 0.5
+    m1, m2, m3 = mu, mu**2 + 1, mu**3 + 3 * mu
+    truth = m3**2 + 3 * (m2 - 1) ** 2 + 3 * m1**2
+    hits = 0
+    for seed in range(SEEDS):
+        rng = np.random.default_rng(seed)
+        hits += _covered(kid_bootstrap_ci(rng.normal(size=(200, 1)), rng.normal(size=(200, 1)) + mu, seed=seed), truth)
+    assert hits >= 90
+
+
+def test_kid_interval_centre_and_subsampling():
+    from eval.metrics import polynomial_mmd2_unbiased
+
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(150, 3)), rng.normal(size=(150, 3)) + 0.3
+    ci = kid_bootstrap_ci(x, y)
+    assert ci["low"] < polynomial_mmd2_unbiased(x, y) < ci["high"]
+    big = kid_bootstrap_ci(rng.normal(size=(600, 3)), rng.normal(size=(600, 3)) + 0.3, max_points=150, centre=1.0)
+    assert "rescaled" in big["method"] and big["low"] < 1.0 < big["high"]
+
+
+def test_significance_helpers():
+    a, b, c = {"low": 1, "high": 2}, {"low": 2.5, "high": 3}, {"low": 1.5, "high": 2.6}
+    assert significantly_different(a, b) and significantly_different(b, a)
+    assert not significantly_different(a, c) and not significantly_different(c, b)
+    rng = np.random.default_rng(0)
+    base = rng.normal(size=300) * 3
+    shifted = paired_difference_ci(base + 0.2 + rng.normal(size=300) * 0.1, base)
+    null = paired_difference_ci(base + rng.normal(size=300) * 0.1, base)
+    assert shifted["significant"] and not null["significant"]
+    assert shifted["low"] < 0.2 < shifted["high"]
+
+
+def test_metric_intervals_cover_every_reported_metric():
+    rng = np.random.default_rng(1)
+    fake, real = rng.normal(size=(120, 6)), rng.normal(size=(150, 6)) + 0.2
+    metrics = {"proxy_fd": 0.3, "proxy_accuracy": 0.75, "proxy_precision": 0.6, "proxy_recall": 0.5, "proxy_kid": 0.01}
+    ref_stats = {"mu": real.mean(0), "sigma": np.cov(real, rowvar=False)}
+    cis = metric_intervals({"pool": fake}, ref_stats, {"pool": real}, metrics, prefix="proxy_", n_boot=50)
+    assert set(cis) == set(metrics)
+    assert cis["proxy_accuracy"] == wilson_ci(90, 120)
+    assert cis["proxy_recall"]["n"] == 150 and "manifolds" in cis["proxy_recall"]["method"]
+    assert "samples and reference" in cis["proxy_fd"]["method"]
+    # stored statistics that are not the features' own: the reference side stays fixed
+    cis = metric_intervals({"pool": fake}, {"mu": np.zeros(6), "sigma": np.eye(6)}, {"pool": real}, metrics,
+                           prefix="proxy_", n_boot=50)
+    assert "reference statistics fixed" in cis["proxy_fd"]["method"]
+    # Inception-sized features: no FD bootstrap (minutes of eigendecompositions), the rest still
+    wide = metric_intervals({"pool": rng.normal(size=(20, 600))}, {"mu": np.zeros(600), "sigma": np.eye(600)},
+                            None, {"fid": 1.0}, n_boot=10)
+    assert wide == {}
+
+
+def test_card_shows_intervals_and_marks_significant_differences(tmp_path):
+    from eval.card import card_markdown, comparison_markdown
+
+    def card(fd, ci):
+        ev = {"metrics": {"num_samples": 100, "proxy_fd": fd}, "intervals": {"proxy_fd": {**ci, "level": 0.95,
+              "method": "basic bootstrap"}}, "network": {"name": "proxy"}, "reference": {}, "timings_s": {},
+              "note": "not FID"}
+        return {"samples": "s", "num_samples": 100, "image_size": [32, 32], "written_utc": "now", "sampling": {},
+                "evaluation": {"proxy": ev}, "evaluation_settings": {}}
+
+    a, b, c = card(1.0, {"low": 0.8, "high": 1.2}), card(2.0, {"low": 1.7, "high": 2.3}), card(1.1, {"low": 0.9, "high": 1.3})
+    assert "| proxy FD (classifier features) | 1 | [0.8, 1.2] |" in card_markdown(a)
+    table = comparison_markdown({"a": a, "b": b, "c": c})
+    assert "| 2 [1.7, 2.3] * |" in table and "| 1.1 [0.9, 1.3] |" in table
