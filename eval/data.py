@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from training.atomic import atomic_write
+from training.images import UnsupportedImageError, read_rgb_uint8
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 STATS_FORMAT = "var-toolkit-ref-stats"
@@ -84,10 +85,12 @@ def _header_size(path: Path) -> tuple[int, int]:
 
 
 def read_image(path: Path) -> np.ndarray:
-    """One image file -> uint8 (H, W, 3); grayscale is replicated, alpha dropped."""
+    """One image file -> uint8 (H, W, 3), decoded as training reads images (`training.images.to_rgb_uint8`:
+    grayscale replicated, 16-bit scaled to 8 bits, transparency composited on white)."""
     try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"), dtype=np.uint8)
+        return read_rgb_uint8(path)
+    except UnsupportedImageError:
+        raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise ValueError(f"corrupt or truncated image {path}: {err}; remove or regenerate this file") from err
 

@@ -1,5 +1,9 @@
-"""Shared fixtures: tiny random tokenizer/VAR pairs that run in milliseconds on CPU."""
+"""Shared fixtures: tiny random tokenizer/VAR pairs that run in milliseconds on CPU, and the real-data rule:
+a test that needs Fashion-MNIST skips when it is absent, except under CI=true, where that skip is a failure."""
 from __future__ import annotations
+
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -44,3 +48,31 @@ def one_thread():
 @pytest.fixture
 def tiny_pair():
     return make_tiny_pair()
+
+
+FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_PACKAGE = "dataset-fashion-mnist"  # every skip for missing data names it (the hook below keys on it)
+
+
+def _in_ci() -> bool:
+    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+@pytest.fixture
+def fashion_mnist_root() -> Path:
+    """The Debian package's folder; skips (fails under CI=true, see the hook) when it is not installed."""
+    if not (FASHION_MNIST / "t10k-images-idx3-ubyte.gz").is_file():
+        pytest.skip(f"Fashion-MNIST not installed (apt-get install {FASHION_MNIST_PACKAGE}; .ci/run installs it)")
+    return FASHION_MNIST
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Under CI=true a skip for missing Fashion-MNIST is a failure: CI must not pass without the real-data
+    tests. Keyed on the package name, so skips written in any test module (skipif marks or pytest.skip) count."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped and _in_ci() and FASHION_MNIST_PACKAGE in str(report.longrepr):
+        report.outcome = "failed"
+        report.longrepr = (f"CI=true but Fashion-MNIST is missing from {FASHION_MNIST}: install {FASHION_MNIST_PACKAGE} "
+                           f"(.ci/run does) instead of skipping {item.nodeid}")

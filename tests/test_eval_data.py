@@ -13,7 +13,6 @@ from eval.frechet import RankDeficientWarning
 from eval.harness import load_reference
 from eval.proxy import ClassifierConfig, ProxyClassifier, load_classifier, save_classifier
 
-FMNIST = Path("/usr/share/datasets/fashion-mnist")
 
 
 def _write_pngs(folder: Path, images: np.ndarray) -> None:
@@ -99,12 +98,11 @@ def test_statistics_of_wrong_dimension_are_rejected(tmp_path):
         load_reference(tmp_path / "inception_like.npz", net)
 
 
-@pytest.mark.skipif(not FMNIST.is_dir(), reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
-def test_fashion_mnist_layout_matches_training_data():
+def test_fashion_mnist_layout_matches_training_data(fashion_mnist_root):
     from training.data import FashionMNIST
 
-    imgs, labels, _ = fashion_mnist_uint8(FMNIST, "test", 32)
-    ds = FashionMNIST(FMNIST, "test", 32)
+    imgs, labels, _ = fashion_mnist_uint8(fashion_mnist_root, "test", 32)
+    ds = FashionMNIST(fashion_mnist_root, "test", 32)
     for i in (0, 17, 9999):
         x, y = ds[i]
         np.testing.assert_allclose(imgs[i].transpose(2, 0, 1) / 255.0, ((x + 1) / 2).numpy(), atol=1e-6)

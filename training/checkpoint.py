@@ -10,9 +10,13 @@ the likely cause.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
+import pickle
+import re
+import tomllib
+import typing
 from collections import Counter
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -46,6 +50,10 @@ def kind_of(model: nn.Module) -> str | None:
 
 class CheckpointMismatchError(RuntimeError):
     pass
+
+
+class NotACheckpointError(CheckpointMismatchError):
+    """The file is empty, truncated, or not a checkpoint at all (a text/HTML file renamed .pth, ...)."""
 
 
 # ---- diagnostics --------------------------------------------------------------------------------------
@@ -103,6 +111,25 @@ def load_state_dict_checked(model: nn.Module, state_dict: dict[str, torch.Tensor
     model.load_state_dict(state_dict, strict=True)
 
 
+_ZIP_MAGIC, _PICKLE_PROTO = b"PK\x03\x04", 0x80  # torch.save's zip container / a legacy raw pickle stream
+_REFETCH = "re-download it or save it again"
+
+
+def _not_a_checkpoint(path: Path, why: str) -> NotACheckpointError:
+    return NotACheckpointError(f"{path} is not a PyTorch checkpoint: {why}")
+
+
+def _sniff(head: bytes, expected: str) -> str:
+    """What a file that failed to load really is, judged from its first bytes ('' when nothing is known)."""
+    if head[:4] == _ZIP_MAGIC or head[:1] == bytes([_PICKLE_PROTO]):
+        return "" if expected == "pth" else "it is a PyTorch .pth file: rename it to .pth"
+    if len(head) >= 9 and head[8:9] == b"{":  # safetensors: 8-byte header length, then the JSON header
+        return "" if expected == "safetensors" else "it is a safetensors file: rename it to .safetensors"
+    if all(32 <= c < 127 or c in b"\t\r\n" for c in head):
+        return f"it is a text file (starts with {head[:24]!r}), e.g. an error page saved by a failed download; {_REFETCH}"
+    return ""
+
+
 # ---- our format -----------------------------------------------------------------------------------------
 def save_model(path: str | Path, model: VQVAE | VAR, extra: dict | None = None) -> Path:
     """Write `model` (weights + config + format version) to one safetensors file, atomically."""
@@ -113,7 +140,7 @@ def save_model(path: str | Path, model: VQVAE | VAR, extra: dict | None = None) 
     # clone: safetensors refuses tensors sharing storage, and views must not drag their whole storage along
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
     meta = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION), "kind": kind,
-            "config": json.dumps(asdict(model.config)), "extra": json.dumps(extra or {})}
+            "config": json.dumps(dataclasses.asdict(model.config)), "extra": json.dumps(extra or {})}
     return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
@@ -122,12 +149,16 @@ def read_metadata(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
+    with path.open("rb") as fh:
+        head = fh.read(64)
+    if not head:
+        raise NotACheckpointError(f"{path} is not a safetensors checkpoint: the file is empty (0 bytes); {_REFETCH}")
     try:
         with safe_open(str(path), framework="pt") as fh:
             meta = fh.metadata() or {}
     except Exception as err:  # safetensors raises its own error types for truncated / foreign files
-        raise CheckpointMismatchError(f"{path} is not a readable safetensors file ({err}); "
-                                      f"official .pth files load with load_official_*") from err
+        why = _sniff(head, "safetensors") or f"it is truncated or corrupt ({err}); {_REFETCH}"
+        raise NotACheckpointError(f"{path} is not a readable safetensors checkpoint: {why}") from err
     if meta.get("format") != FORMAT_NAME:
         raise CheckpointMismatchError(f"{path} has no '{FORMAT_NAME}' metadata; it was not written by save_model")
     version = int(meta.get("format_version", -1))
@@ -141,13 +172,19 @@ def read_metadata(path: str | Path) -> dict:
             "extra": json.loads(meta.get("extra", "{}"))}
 
 
-def load_model(path: str | Path, kind: str | None = None, device: str | torch.device = "cpu"):
-    """Load one of our checkpoints; `kind` ("vqvae"/"var") guards against passing the wrong file."""
+def load_model(path: str | Path, kind: str | None = None, device: str | torch.device = "cpu",
+               overrides: dict | None = None):
+    """Load one of our checkpoints; `kind` ("vqvae"/"var") guards against passing the wrong file; `overrides`
+    replace fields of the stored config (validated against the kind's config class)."""
     meta = read_metadata(path)
     if kind is not None and meta["kind"] != kind:
         raise CheckpointMismatchError(f"{path} holds a {meta['kind']} checkpoint, but a {kind} was expected")
     model_cls, config_cls = KINDS[meta["kind"]]
-    config = from_dict(config_cls, meta["config"], f"{path} config")
+    fields = {**meta["config"], **parse_overrides(config_cls, overrides, str(path))}
+    try:
+        config = from_dict(config_cls, fields, f"{path} config")
+    except (TypeError, ValueError) as err:
+        raise CheckpointMismatchError(f"{path}: {err}") from err
     model = model_cls(config) if model_cls is VQVAE else model_cls(config, init=False)
     with safe_open(str(path), framework="pt", device="cpu") as fh:
         state_dict = {k: fh.get_tensor(k) for k in fh.keys()}
@@ -161,7 +198,26 @@ def _torch_load(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist; the official checkpoints are on the Hugging Face Hub "
                                 f"repository FoundationVision/var (vae_ch160v4096z32.pth, var_d16.pth, ...)")
-    sd = torch.load(path, map_location="cpu", weights_only=True)
+    with path.open("rb") as fh:
+        head = fh.read(64)
+    if not head:
+        raise _not_a_checkpoint(path, f"the file is empty (0 bytes); {_REFETCH}")
+    if head[:4] != _ZIP_MAGIC and head[:1] != bytes([_PICKLE_PROTO]):
+        raise _not_a_checkpoint(path, _sniff(head, "pth") or f"unknown content (starts with {head[:8]!r}); {_REFETCH}")
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        # weights_only refused a Python object; torch's message then suggests weights_only=False, which would
+        # run arbitrary code from the file: keep only the object's name
+        culprit = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
+        if culprit is None:  # a broken pickle stream (e.g. a truncated legacy-format file)
+            raise _not_a_checkpoint(path, f"it is truncated or corrupt (unreadable pickle stream); {_REFETCH}") from err
+        raise CheckpointMismatchError(f"{path} holds Python objects besides tensors ({culprit.group(1)}); this toolkit "
+                                      f"never runs pickle code: save the bare weights with "
+                                      f"torch.save(model.state_dict(), path) where the file was made") from err
+    except Exception as err:  # truncated zip, broken pickle stream: torch raises RuntimeError/EOFError/KeyError...
+        detail = re.split(r"(?<=\.)\s", str(err).strip())[0][:120] or "no detail"  # first sentence only
+        raise _not_a_checkpoint(path, f"it is truncated or corrupt ({type(err).__name__}: {detail}); {_REFETCH}") from err
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise CheckpointMismatchError(f"{path} is not a bare state dict of tensors (a training checkpoint?); "
                                       f"extract the model weights first")
@@ -176,32 +232,70 @@ def load_official_vae(path: str | Path, patch_nums=None, device="cpu") -> VQVAE:
     return vae.to(device).eval()
 
 
-def infer_var_config(state_dict: dict[str, torch.Tensor], **overrides) -> VARConfig:
-    """Recover a VAR's shape from its state dict (scale list from `lvl_1L`, depth from block keys, ...)."""
-    required = ("pos_start", "lvl_1L", "class_emb.weight", "head.weight", "word_embed.weight")
+def parse_overrides(config_cls: type, overrides: dict | None, source: str) -> dict:
+    """`overrides` checked against `config_cls`: unknown names are an error listing the valid ones; values may
+    be typed or strings as written on a command line ("4", "true", "[1, 2]", parsed as TOML literals)."""
+    if not overrides:
+        return {}
+    valid = sorted(f.name for f in dataclasses.fields(config_cls))
+    unknown = sorted(set(overrides) - set(valid))
+    if unknown:
+        raise ValueError(f"{source}: unknown {config_cls.__name__} field(s) {', '.join(unknown)} in the overrides; "
+                         f"valid fields are {', '.join(valid)}")
+    hints = typing.get_type_hints(config_cls)
+    parsed = {}
+    for name, value in overrides.items():
+        if isinstance(value, str) and hints[name] is not str:
+            try:
+                value = tomllib.loads(f"v = {value}")["v"]
+            except tomllib.TOMLDecodeError as err:
+                raise ValueError(f"{source}: override {name}={value!r} is not a valid value ({err})") from err
+        parsed[name] = value
+    return parsed
+
+
+def infer_var_config(state_dict: dict[str, torch.Tensor], overrides: dict | None = None,
+                     source: str = "state dict") -> VARConfig:
+    """Recover a VAR's shape from its state dict (scale list from `lvl_1L`, depth from block keys, ...).
+
+    The head count is recorded only by L2-normalised attention (`scale_mul_1H11`); without it, `num_heads`
+    must come from `overrides`. Fields no tensor records (drop rates, norm_eps, init scales) take the
+    official training values unless overridden."""
+    required = ("pos_start", "lvl_1L", "class_emb.weight", "head.weight", "word_embed.weight", "blocks.0.ffn.fc1.weight")
     absent = [k for k in required if k not in state_dict]
     if absent:
-        raise CheckpointMismatchError(f"not a VAR state dict: missing {absent}"
+        raise CheckpointMismatchError(f"{source}: not a VAR state dict: missing {absent}"
                                       + (" (this looks like a tokenizer checkpoint)" if "encoder.conv_in.weight" in state_dict else ""))
+    overrides = parse_overrides(VARConfig, overrides, source)
     counts = Counter(state_dict["lvl_1L"].view(-1).tolist())
     patch_nums = tuple(round(counts[s] ** 0.5) for s in sorted(counts))
     depth = 1 + max(int(k.split(".")[1]) for k in state_dict if k.startswith("blocks."))
     C = state_dict["pos_start"].shape[-1]
     attn_l2_norm = "blocks.0.attn.scale_mul_1H11" in state_dict
-    heads = state_dict["blocks.0.attn.scale_mul_1H11"].shape[1] if attn_l2_norm else C // 64
-    fc1 = state_dict["blocks.0.ffn.fc1.weight"].shape[0]
-    fields = dict(num_classes=state_dict["class_emb.weight"].shape[0] - 1, depth=depth, embed_dim=C, num_heads=heads,
-                  mlp_ratio=fc1 / C, shared_aln="shared_ada_lin.1.weight" in state_dict, attn_l2_norm=attn_l2_norm,
+    fields = dict(num_classes=state_dict["class_emb.weight"].shape[0] - 1, depth=depth, embed_dim=C,
+                  mlp_ratio=state_dict["blocks.0.ffn.fc1.weight"].shape[0] / C,
+                  shared_aln="shared_ada_lin.1.weight" in state_dict, attn_l2_norm=attn_l2_norm,
                   patch_nums=patch_nums, vocab_size=state_dict["head.weight"].shape[0],
                   z_channels=state_dict["word_embed.weight"].shape[1], drop_path_rate=0.1 * depth / 24)
+    if attn_l2_norm:
+        fields["num_heads"] = state_dict["blocks.0.attn.scale_mul_1H11"].shape[1]
+    elif "num_heads" not in overrides:
+        raise CheckpointMismatchError(
+            f"{source}: num_heads cannot be inferred: the attention is not L2-normalised, so no tensor records the "
+            f"head count; pass the value the model was trained with (a divisor of the width {C}): "
+            f"overrides={{'num_heads': N}} in load_any/load_official_var, sample.py --var-override num_heads=N")
     fields.update(overrides)
-    return VARConfig(**fields)
+    try:
+        return from_dict(VARConfig, fields, f"{source} config")
+    except (TypeError, ValueError) as err:
+        raise CheckpointMismatchError(f"{source}: {err}") from err
 
 
-def load_official_var(path: str | Path, patch_nums=None, device="cpu") -> VAR:
-    """`var_d{12,16,20,24,30,36}.pth`. If `patch_nums` is given it must be the file's own scale list."""
+def load_official_var(path: str | Path, patch_nums=None, device="cpu", overrides: dict | None = None) -> VAR:
+    """`var_d{12,16,20,24,30,36}.pth`. If `patch_nums` is given it must be the file's own scale list;
+    `overrides` sets VARConfig fields the weights do not record (num_heads without L2 attention, ...)."""
     sd = _torch_load(path)
-    config = infer_var_config(sd)
+    config = infer_var_config(sd, overrides, str(path))
     if patch_nums is not None and tuple(patch_nums) != config.patch_nums:
         raise CheckpointMismatchError(f"{path} was trained with patch_nums {config.patch_nums} (L={config.seq_len}), "
                                       f"not {tuple(patch_nums)}; a VAR checkpoint only loads with its own scale list")
@@ -216,13 +310,18 @@ def checkpoint_kind(path: str | Path) -> str:
     return read_metadata(path)["kind"] if Path(path).suffix == ".safetensors" else "var"
 
 
-def load_any(path: str | Path, kind: str, device="cpu", patch_nums=None):
-    """Ours (.safetensors) or official (.pth/.pt) by file extension."""
+def load_any(path: str | Path, kind: str, device="cpu", patch_nums=None, overrides: dict | None = None):
+    """Ours (.safetensors) or official (.pth/.pt) by file extension. `overrides` (VAR checkpoints only) sets
+    VARConfig fields; ours record their whole config, so there it only suits fields the weights ignore."""
     suffix = Path(path).suffix
+    if overrides and kind != "var":
+        raise ValueError(f"{path}: config overrides apply to VAR checkpoints only, not to a {kind}")
     if suffix == ".safetensors":
-        return load_model(path, kind=kind, device=device)
+        return load_model(path, kind=kind, device=device, overrides=overrides)
     if suffix in (".pth", ".pt", ".bin"):
-        return (load_official_vae if kind == "vqvae" else load_official_var)(path, patch_nums=patch_nums, device=device)
+        if kind == "vqvae":
+            return load_official_vae(path, patch_nums=patch_nums, device=device)
+        return load_official_var(path, patch_nums=patch_nums, device=device, overrides=overrides)
     raise ValueError(f"{path}: unknown checkpoint type {suffix!r}; expected .safetensors (ours) or .pth (official)")
 
 

@@ -13,10 +13,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
+from PIL import UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from training.config import DataConfig
+from training.images import read_rgb_uint8
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
@@ -93,31 +94,45 @@ class FashionMNIST(Dataset):
 
 
 class ImageFolder(Dataset):
-    """`root/<class name>/<image>`; classes sorted by name give labels 0..N-1 (saved as the label map)."""
+    """`root/<class name>/<image>`; classes sorted by name give labels 0..N-1 (saved as the label map).
 
-    def __init__(self, root: str | Path, image_size: int, skip_corrupt: bool = False):
+    Hidden folders (`.ipynb_checkpoints`, `.git`, ...) are not classes. A class folder without images is an
+    error naming it (it would become a label no sample has); with `skip_empty_classes` such folders are
+    left out with one warning counting them, and the labels are numbered over the remaining classes.
+    Pixels are decoded by `training.images.to_rgb_uint8` (16-bit scaled, transparency on white)."""
+
+    def __init__(self, root: str | Path, image_size: int, skip_corrupt: bool = False,
+                 skip_empty_classes: bool = False):
         root = Path(root)
         if not root.is_dir():
             raise FileNotFoundError(f"image folder {root} does not exist; set data.root to a folder holding one "
                                     f"subfolder of images per class")
-        self.classes = sorted(p.name for p in root.iterdir() if p.is_dir())
-        if not self.classes:
+        folders = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        if not folders:
             raise ValueError(f"{root} has no class subfolders; expected root/<class>/<image files>")
-        self.items = [(p, label) for label, c in enumerate(self.classes) for p in sorted((root / c).rglob("*"))
-                      if p.suffix.lower() in IMAGE_SUFFIXES]
-        if not self.items:
+        files = {c: [p for p in sorted((root / c).rglob("*")) if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()]
+                 for c in folders}
+        empty = [c for c in folders if not files[c]]
+        if len(empty) == len(folders):
             raise ValueError(f"{root} has class folders but no images with suffixes {sorted(IMAGE_SUFFIXES)}")
+        if empty and not skip_empty_classes:
+            raise ValueError(f"{root}: class folder(s) without images: {', '.join(str(root / c) for c in empty)}; "
+                             f"add images, remove the folder(s), or set data.skip_empty_classes = true to skip them")
+        if empty:
+            warnings.warn(f"{root}: skipping {len(empty)} class folder(s) without images ({', '.join(empty)}); "
+                          f"labels are numbered over the other {len(folders) - len(empty)}")
+        self.classes = [c for c in folders if files[c]]
+        self.skipped_classes = empty
+        self.items = [(p, label) for label, c in enumerate(self.classes) for p in files[c]]
         self.image_size, self.skip_corrupt, self.bad = image_size, skip_corrupt, set()
 
     def __len__(self) -> int:
         return len(self.items)
 
     def load(self, path: Path) -> np.ndarray:
-        try:
-            with Image.open(path) as im:
-                im.load()  # decode now: a truncated file must fail here, naming the file, not later
-                return np.asarray(im.convert("RGB"))
-        except (UnidentifiedImageError, OSError, SyntaxError) as err:
+        try:  # decoded fully now: a truncated file must fail here, naming the file, not later
+            return read_rgb_uint8(path)
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
             raise ValueError(f"cannot read image {path}: {err}; remove or replace the file, "
                              f"or set data.skip_corrupt = true to skip unreadable images") from err
 
@@ -171,5 +186,6 @@ def build_dataset(cfg: DataConfig, seed: int = 0) -> Dataset:
     if cfg.kind == "fashion_mnist":
         return FashionMNIST(cfg.root, cfg.split, cfg.image_size)
     if cfg.kind == "image_folder":
-        return ImageFolder(cfg.root, cfg.image_size, cfg.skip_corrupt)
+        # getattr: the DataConfig field may not exist yet (training/config.py is owned elsewhere)
+        return ImageFolder(cfg.root, cfg.image_size, cfg.skip_corrupt, getattr(cfg, "skip_empty_classes", False))
     return ProceduralShapes(cfg.num_samples, cfg.image_size, cfg.num_classes, seed)
