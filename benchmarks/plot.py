@@ -72,8 +72,8 @@ def redraw(result: dict, path: Path) -> Path:
 
 
 def speed_quality_points(result: dict, batch: int | None = None) -> tuple[list[ScatterPoint], int]:
-    """Every sampler's (speed-up vs default, proxy FD) at one batch size; '<field>_ci' = [low, high] gives
-    error bars. The batch defaults to the largest one that has proxy FD."""
+    """Every sampler's (speed-up vs default, proxy FD) at one batch size, with error bars where the row
+    carries intervals (see row_interval). The batch defaults to the largest one that has proxy FD."""
     rows = [r for r in result.get("rows", []) if "proxy_fd" in r]
     if not rows:
         raise ValueError("no row of this result has proxy_fd; rerun benchmarks/benchmark.py with --proxy-classifier")
@@ -82,9 +82,17 @@ def speed_quality_points(result: dict, batch: int | None = None) -> tuple[list[S
     if not rows:
         raise ValueError(f"no row with proxy_fd at batch {batch}; batches with it: "
                          f"{sorted({r['batch'] for r in result['rows'] if 'proxy_fd' in r})}")
-    ci = lambda r, k: tuple(r[f"{k}_ci"]) if r.get(f"{k}_ci") else None  # noqa: E731
-    return [ScatterPoint(r["sampler"], r["speedup_vs_default"], r["proxy_fd"], ci(r, "speedup_vs_default"),
-                         ci(r, "proxy_fd")) for r in rows], batch
+    return [ScatterPoint(r["sampler"], r["speedup_vs_default"], r["proxy_fd"], row_interval(r, "speedup_vs_default"),
+                         row_interval(r, "proxy_fd")) for r in rows], batch
+
+
+def row_interval(row: dict, key: str) -> tuple[float, float] | None:
+    """`key`'s interval in a result row: `<key>_ci` as [low, high] or as eval.intervals' {"low", "high", ...},
+    or `intervals[key]` (the eval-card layout); None when the row has none."""
+    ci = row.get(f"{key}_ci") or row.get("intervals", {}).get(key)
+    if not ci:
+        return None
+    return (float(ci["low"]), float(ci["high"])) if isinstance(ci, dict) else (float(ci[0]), float(ci[1]))
 
 
 def rel(path: Path) -> str:

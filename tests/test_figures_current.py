@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks import plotting
-from benchmarks.plot import write_provenance
+from benchmarks.plot import speed_quality_points, write_provenance
 
 ROOT = Path(__file__).resolve().parents[1]
 FIGURES = ROOT / "benchmarks" / "results" / "figures"
@@ -111,3 +111,20 @@ def test_charts_draw_with_and_without_matplotlib(tmp_path, monkeypatch, with_mat
     for path in (bars, sheet, scatter):
         with Image.open(path) as im:
             assert im.format == "PNG" and im.width > 300 and im.height > 200
+
+
+def test_scatter_reads_intervals_in_every_layout():
+    rows = [{"sampler": "default", "batch": 16, "speedup_vs_default": 1.0, "proxy_fd": 230.0,
+             "proxy_fd_ci": [220.0, 241.0]},
+            {"sampler": "code", "batch": 16, "speedup_vs_default": 1.4, "proxy_fd": 212.0,
+             "proxy_fd_ci": {"low": 205.0, "high": 219.0, "level": 0.95}, "speedup_vs_default_ci": [1.3, 1.5]},
+            {"sampler": "sjd", "batch": 16, "speedup_vs_default": 0.7, "proxy_fd": 225.0,
+             "intervals": {"proxy_fd": {"low": 215.0, "high": 236.0}}},
+            {"sampler": "window", "batch": 16, "speedup_vs_default": 0.8, "proxy_fd": 211.0},
+            {"sampler": "default", "batch": 1, "speedup_vs_default": 1.0}]  # no proxy FD: not plotted
+    points, batch = speed_quality_points({"rows": rows})
+    assert batch == 16 and [p.label for p in points] == ["default", "code", "sjd", "window"]
+    assert [p.y_ci for p in points] == [(220.0, 241.0), (205.0, 219.0), (215.0, 236.0), None]
+    assert [p.x_ci for p in points] == [None, (1.3, 1.5), None, None]
+    with pytest.raises(ValueError, match="batches with it: \\[16\\]"):
+        speed_quality_points({"rows": rows}, batch=1)
