@@ -1,33 +1,94 @@
-"""The sampler interface shared by the default sampler and every accelerator, plus the name registry.
+"""Samplers: the one engine plus a stack of accelerators, registered by name and composed with '+'.
 
-A sampler owns its models (a VAR and the tokenizer, or more for accelerators) and implements
-`_generate`; `sample()` validates inputs, prepares labels/generator, times the run and decodes.
+An accelerator is a small object whose constructor signature is its configuration (as diffusers'
+schedulers) and whose `configure(plan, sampler)` sets the plan slots it owns:
+
+  slot          owner examples
+  "stages"      code (drafter, then refiner), dd (student / teacher stages)
+  "kv"          scalekv (ScaleKV, SnapKV, window), code's own kv_policy option
+  "token_rule"  flow (flow-map transport)
+  "constraint"  edit (teacher-forced known tokens)
+  "speculation" sjd (Block-SJD with any draft source)
+
+`build_sampler("code+scalekv", var=..., vae=..., refiner=..., draft_scales=8, budget_frac=0.25)` stacks
+them; an option that two accelerators share must be qualified ("scalekv.calibration=..."). Two
+accelerators that own the same slot, or a pairing without a defined meaning, are refused with the reason.
+`sample()` is the same for every configuration.
 """
 from __future__ import annotations
 
+import inspect
 import time
-from dataclasses import dataclass, field
+import typing
 from typing import Callable, ClassVar
 
 import torch
 from torch import nn
 
-from einops import rearrange
-
-from samplers.logits_processing import (apply_temperature, cfg_strength, check_sampling_args, guide,
-                                        gumbel_soft_codes, sample_from_logits, temperature_at,
+from samplers.engine import Engine, Plan, Sampling, VARStage, model_modules
+from samplers.logits_processing import (apply_temperature, cfg_strength, check_sampling_args, guide, temperature_at,
                                         top_k_top_p_filter_)
+from samplers.rules import CategoricalDraw
+from samplers.stats import SampleOutput, SamplerStats
 from tokenizers import VQVAE
 from training.checkpoint import check_models_compatible
-from var import VAR, KVCache
+from var import VAR
 
-_REGISTRY: dict[str, type["Sampler"]] = {}
+SLOT_ORDER = ("stages", "kv", "token_rule", "constraint", "speculation")
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
+_REGISTRY: dict[str, type["Accelerator"]] = {}
 
 
-def register_sampler(name: str) -> Callable[[type["Sampler"]], type["Sampler"]]:
-    def wrap(cls: type["Sampler"]) -> type["Sampler"]:
-        if name in _REGISTRY:
-            raise KeyError(f"sampler name {name!r} is already registered by {_REGISTRY[name].__name__}")
+class Accelerator:
+    """Base of every accelerator. Subclasses declare `slots`, take their models and options as keyword
+    arguments (the constructor signature is the config; annotated simple types are CLI options), and
+    implement `configure`. `self.sampler` is set by the sampler that owns the accelerator."""
+    name: ClassVar[str] = ""
+    slots: ClassVar[tuple[str, ...]] = ()
+    extra_models: ClassVar[tuple[str, ...]] = ()  # checkpoints sample.py must load (--model NAME=PATH)
+    optional_models: ClassVar[tuple[str, ...]] = ()  # checkpoints it can use when given
+    sampler: "Sampler"
+
+    def owned_slots(self) -> tuple[str, ...]:
+        return self.slots
+
+    def models(self) -> dict[str, nn.Module | None]:
+        return {n: getattr(self, n, None) for n in self.extra_models + self.optional_models}
+
+    def check(self, sampler: "Sampler", others: list["Accelerator"]) -> None:
+        """Refuse pairings without a defined meaning (raise ValueError saying why)."""
+
+    def configure(self, plan: Plan, sampler: "Sampler") -> None:
+        raise NotImplementedError
+
+    def after_run(self, stats: SamplerStats) -> None:
+        pass
+
+    @classmethod
+    def options(cls) -> dict[str, type]:
+        """CLI options: keyword parameters of the constructor annotated with int, float, str or bool."""
+        hints = typing.get_type_hints(cls.__init__)
+        out = {}
+        for p in inspect.signature(cls.__init__).parameters.values():
+            kind = hints.get(p.name)
+            if p.kind == p.KEYWORD_ONLY and p.name not in cls.extra_models + cls.optional_models:
+                if kind in (int, float, str, bool):
+                    out[p.name] = kind
+                elif typing.get_origin(kind) in (typing.Union, __import__("types").UnionType):
+                    simple = [a for a in typing.get_args(kind) if a in (int, float, str, bool)]
+                    if simple:
+                        out[p.name] = simple[0]
+        return out
+
+    @classmethod
+    def parameters(cls) -> set[str]:
+        return {p.name for p in inspect.signature(cls.__init__).parameters.values() if p.kind == p.KEYWORD_ONLY}
+
+
+def register_sampler(name: str) -> Callable[[type[Accelerator]], type[Accelerator]]:
+    def wrap(cls: type[Accelerator]) -> type[Accelerator]:
+        if name in _REGISTRY or "+" in name:
+            raise KeyError(f"sampler name {name!r} is already registered (or contains '+')")
         cls.name = name
         _REGISTRY[name] = cls
         return cls
@@ -35,70 +96,102 @@ def register_sampler(name: str) -> Callable[[type["Sampler"]], type["Sampler"]]:
 
 
 def available_samplers() -> list[str]:
-    return sorted(_REGISTRY)
+    return sorted(["default", *_REGISTRY])
 
 
-def sampler_class(name: str) -> type["Sampler"]:
-    if name not in _REGISTRY:
-        raise KeyError(f"unknown sampler {name!r}; available: {', '.join(available_samplers())}")
-    return _REGISTRY[name]
-
-
-def build_sampler(name: str, **kwargs) -> "Sampler":
-    return sampler_class(name)(**kwargs)
-
-
-@dataclass
-class SamplerStats:
-    """Counters taken while sampling (never estimated): one entry per model name where relevant."""
-    forwards: dict[str, int] = field(default_factory=dict)  # transformer forward passes
-    tokens_processed: dict[str, int] = field(default_factory=dict)  # rows x positions fed through the blocks
-    kv_bytes_per_scale: list[int] = field(default_factory=list)  # KV bytes held after each scale
-    kv_bytes_peak: int = 0
-    wall_time_s: float = 0.0
-    cuda_max_memory_allocated: int | None = None
-    extra: dict = field(default_factory=dict)
-
-    def count_forward(self, model_name: str, x_BLC: torch.Tensor) -> None:
-        self.forwards[model_name] = self.forwards.get(model_name, 0) + 1
-        self.tokens_processed[model_name] = self.tokens_processed.get(model_name, 0) + x_BLC.shape[0] * x_BLC.shape[1]
-
-    def record_kv(self, *caches: KVCache) -> None:
-        held = sum(c.nbytes() for c in caches)
-        self.kv_bytes_per_scale.append(held)
-        self.kv_bytes_peak = max(self.kv_bytes_peak, held)
-
-    def as_dict(self) -> dict:
-        return {k: v for k, v in self.__dict__.items()}
-
-
-@dataclass
-class SampleOutput:
-    images: torch.Tensor | None  # (B, 3, H, W) in [0, 1]; None when decoding was skipped
-    tokens: list[torch.Tensor]  # per scale, (B, pn*pn) int64
-    labels: torch.Tensor  # (B,)
-    f_hat: torch.Tensor  # (B, Cvae, h, w) accumulated latent
-    stats: SamplerStats
-    # With sample(keep_logits=True): per scale, the raw (unguided) logits (2B, pn*pn, V) of the model that
-    # produced the scale, conditional rows first. For checking, never needed to sample.
-    raw_logits: list[torch.Tensor] | None = None
+def split_names(name: str) -> list[str]:
+    names = [n.strip() for n in name.split("+") if n.strip() and n.strip() != "default"]
+    for n in names:
+        if n not in _REGISTRY:
+            raise KeyError(f"unknown sampler {n!r}; available: {', '.join(available_samplers())} "
+                           f"(stack accelerators with '+', e.g. code+scalekv)")
+    if len(set(names)) != len(names):
+        raise ValueError(f"{name!r} names an accelerator twice")
+    return names
 
 
 class Sampler(nn.Module):
-    """Base class: subclasses implement `_generate(labels_B, generator, **args) -> (tokens, f_hat)`."""
-    name: ClassVar[str] = ""
-    # Extra checkpoints sample.py must load and pass as keyword args (e.g. ("refiner",) for CoDe).
-    extra_models: ClassVar[tuple[str, ...]] = ()
-    # Extra checkpoints the sampler can use when given (e.g. ("draft_model",) for Block-SJD's VAR drafts).
-    optional_models: ClassVar[tuple[str, ...]] = ()
-    # The sampler's own options and their types, parsed by sample.py from `--sampler-arg name=value`.
-    options: ClassVar[dict[str, type]] = {}
+    """The engine with a stack of accelerators. `Sampler(var, vae)` is the default (public VAR) sampler."""
+    name: ClassVar[str] = "default"
+    accelerator_classes: ClassVar[tuple[type[Accelerator], ...]] = ()
 
-    def __init__(self, var: VAR, vae: VQVAE):
+    def __init__(self, var: VAR, vae: VQVAE, *accelerators: Accelerator, compile: str | None = None,
+                 precision: str = "fp32", rng: str = "fast", **options):
         super().__init__()
         check_models_compatible(var, vae)
         self.var, self.vae = var, vae
-        self._kept_logits: list[torch.Tensor] | None = None  # filled during sample(keep_logits=True)
+        if options or (not accelerators and self.accelerator_classes):
+            accelerators = tuple(accelerators) + tuple(self._build_accelerators(options))
+        if compile not in (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"):
+            raise ValueError(f"compile must be a torch.compile mode (default, reduce-overhead, max-autotune), got {compile!r}")
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        if precision == "bf16" and var.class_emb.weight.device.type != "cuda":
+            raise ValueError("precision='bf16' needs a CUDA device (move the models there first); use fp32 on CPU")
+        if rng not in ("fast", "reference"):
+            raise ValueError(f"rng must be 'fast' (exact law, top-k candidates) or 'reference' (the public loop's "
+                             f"random draws bitwise), got {rng!r}")
+        self.compile, self.precision, self.rng = compile, precision, rng
+        self.accelerators = sorted(accelerators, key=lambda a: min(
+            (SLOT_ORDER.index(s) for s in a.owned_slots()), default=len(SLOT_ORDER)))
+        owners: dict[str, str] = {}
+        for acc in self.accelerators:
+            acc.sampler = self
+            for slot in acc.owned_slots():
+                if slot in owners:
+                    raise ValueError(f"{owners[slot]!r} and {acc.name!r} both define the {slot} of the loop; "
+                                     f"only one accelerator can own it")
+                owners[slot] = acc.name
+        for acc in self.accelerators:
+            acc.check(self, [o for o in self.accelerators if o is not acc])
+        self.extra = model_modules({k: m for acc in self.accelerators for k, m in acc.models().items()})
+        self.build_plan()  # validates the configuration now, not at the first sample() call
+
+    def _build_accelerators(self, options: dict) -> list[Accelerator]:
+        classes = self.accelerator_classes
+        accs = []
+        for cls in classes:
+            params = cls.parameters()
+            mine = {}
+            for key, value in options.items():
+                owner, _, field = key.rpartition(".")
+                if owner:
+                    if owner == cls.name and field in params:
+                        mine[field] = value
+                elif key in params:
+                    if sum(key in c.parameters() for c in classes) > 1:
+                        raise ValueError(f"option {key!r} belongs to several of {[c.name for c in classes]}; "
+                                         f"qualify it, e.g. '{cls.name}.{key}'")
+                    mine[key] = value
+            accs.append(cls(**mine))
+        known = {k for c in classes for k in c.parameters()} | {f"{c.name}.{k}" for c in classes for k in c.parameters()}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            names = "+".join(c.name for c in classes) or "default"
+            raise TypeError(f"sampler {names!r} has no option(s) {unknown}; its options: "
+                            f"{', '.join(sorted(self.options)) or 'none'}")
+        return accs
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if not name.startswith("_"):
+                for acc in self.__dict__.get("accelerators", ()):
+                    if name in dir(acc):
+                        return getattr(acc, name)
+            raise
+
+    # ---- class-level description (CLI) -----------------------------------------------------------------
+    @classmethod
+    def _opts(cls) -> dict[str, type]:
+        out: dict[str, type] = {}
+        for c in cls.accelerator_classes:
+            for k, t in c.options().items():
+                out[f"{c.name}.{k}"] = t
+                if sum(k in o.options() for o in cls.accelerator_classes) == 1:
+                    out[k] = t
+        return out
 
     @property
     def device(self) -> torch.device:
@@ -108,7 +201,17 @@ class Sampler(nn.Module):
     def num_scales(self) -> int:
         return self.var.num_scales
 
-    def resolve_labels(self, labels, batch_size: int | None, generator: torch.Generator | None) -> torch.Tensor:
+    # ---- the plan ---------------------------------------------------------------------------------------
+    def build_plan(self) -> Plan:
+        K = self.num_scales
+        plan = Plan(stages=[VARStage("var", self.var, 0, K)], token_rule=CategoricalDraw(), compile=self.compile,
+                    cache_dtype=PRECISIONS[self.precision])
+        for acc in self.accelerators:
+            acc.configure(plan, self)
+        return plan
+
+    # ---- sampling -----------------------------------------------------------------------------------------
+    def resolve_labels(self, labels, batch_size: int | None, generator) -> torch.Tensor:
         num_classes = self.var.num_classes
         if labels is None:
             if batch_size is None or batch_size < 1:
@@ -164,58 +267,69 @@ class Sampler(nn.Module):
                 raise ValueError(f"{len(generator)} per-row generators/seeds for {len(labels)} labels")
         labels_B = self.resolve_labels(labels, batch_size, generator)
         stats = SamplerStats()
-        self._kept_logits = [] if keep_logits else None
+        kept = [] if keep_logits else None
+        temps = tuple(temperature) if isinstance(temperature, (list, tuple)) else temperature
+        sampling = Sampling(cfg, top_k, top_p, temps, more_smooth, self.rng)
         on_cuda = self.device.type == "cuda"
         if on_cuda:
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
         start = time.perf_counter()
-        tokens, f_hat = self._generate(labels_B, generator, stats, cfg=cfg, top_k=top_k, top_p=top_p,
-                                       temperature=temperature, more_smooth=more_smooth)
+        plan = self.build_plan()
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+            tokens, f_hat = Engine(plan, self.var, self.vae, labels_B, generator, stats, sampling, kept).run()
+        for acc in self.accelerators:
+            acc.after_run(stats)
         images = self.decode(f_hat) if decode else None
         if on_cuda:
             torch.cuda.synchronize(self.device)
             stats.cuda_max_memory_allocated = torch.cuda.max_memory_allocated(self.device)
         stats.wall_time_s = time.perf_counter() - start
-        kept, self._kept_logits = self._kept_logits, None
         return SampleOutput(images, tokens, labels_B, f_hat, stats, kept)
-
-    # ---- per-scale helpers shared by all samplers --------------------------------------------------
-    def conditions(self, labels_B: torch.Tensor) -> torch.Tensor:
-        """(2B, C) class vectors: the requested labels, then the null class for the CFG half."""
-        null = torch.full_like(labels_B, self.var.num_classes)
-        return self.var.condition(torch.cat((labels_B, null)))
 
     def process_logits(self, logits_2BlV: torch.Tensor, si: int, cfg: float, top_k: int, top_p: float,
                        temperature) -> torch.Tensor:
-        """The processed logits of scale si (B, l, V): guidance ramp, top-k, top-p, temperature."""
-        if self._kept_logits is not None:
-            self._kept_logits.append(logits_2BlV.detach().clone())
+        """The processed logits (B, l, V) of scale si that the token rules draw from: the CFG ramp on the global
+        scale index, top-k, top-p, temperature (the reference order)."""
         guided = guide(logits_2BlV, cfg_strength(cfg, si, self.num_scales))
         return apply_temperature(top_k_top_p_filter_(guided, top_k, top_p), temperature_at(temperature, si))
-
-    def pick_tokens(self, processed_BlV: torch.Tensor, si: int, generator, more_smooth: bool):
-        """Draw scale si's tokens; return (idx (B, l), code map (B, Cvae, pn, pn)) for the f_hat update."""
-        pn = self.var.patch_nums[si]
-        idx_Bl = sample_from_logits(processed_BlV, generator)
-        if more_smooth:
-            ratio = si / (self.num_scales - 1)
-            codes_BlC = gumbel_soft_codes(processed_BlV, ratio, self.vae.quantize.embedding.weight, generator)
-        else:
-            codes_BlC = self.vae.quantize.embedding(idx_Bl)
-        return idx_Bl, rearrange(codes_BlC, "b (h w) c -> b c h w", h=pn, w=pn)
-
-    def empty_fhat(self, batch: int) -> torch.Tensor:
-        side = self.var.patch_nums[-1]
-        return torch.zeros(batch, self.var.config.z_channels, side, side, device=self.device)
-
-    def next_scale_tokens(self, cond_2BD: torch.Tensor, next_map_BChw: torch.Tensor, si_next: int) -> torch.Tensor:
-        """Embedded input of scale si_next from its map, identical for the conditional and CFG halves."""
-        x_BlCv = rearrange(next_map_BChw, "b c h w -> b (h w) c").repeat(2, 1, 1)
-        return self.var.embed(cond_2BD, x_BlCv, si_next, si_next + 1)
 
     def decode(self, f_hat: torch.Tensor) -> torch.Tensor:
         return self.vae.fhat_to_img(f_hat.float()).add_(1).mul_(0.5)
 
-    def _generate(self, labels_B, generator, stats, **args):
-        raise NotImplementedError(f"{type(self).__name__} must implement _generate")
+
+class _OptionsDescriptor:
+    """`SamplerClass.options`: {option: type} of the stacked accelerators (qualified 'acc.opt' always)."""
+
+    def __get__(self, obj, owner):
+        return owner._opts()
+
+
+Sampler.options = _OptionsDescriptor()
+
+
+_CLASSES: dict[str, type[Sampler]] = {}
+
+
+def sampler_class(name: str) -> type[Sampler]:
+    """The Sampler class of a registered name or a '+' stack of them (e.g. 'code+scalekv')."""
+    names = split_names(name)
+    if not names:
+        return Sampler
+    key = "+".join(names)
+    if key in _CLASSES:
+        return _CLASSES[key]
+    classes = tuple(_REGISTRY[n] for n in names)
+    attrs = {"name": "+".join(names), "accelerator_classes": classes,
+             "extra_models": tuple(m for c in classes for m in c.extra_models),
+             "optional_models": tuple(m for c in classes for m in c.optional_models)}
+    _CLASSES[key] = type("Sampler_" + "_".join(names), (Sampler,), attrs)
+    return _CLASSES[key]
+
+
+def build_sampler(name: str, **kwargs) -> Sampler:
+    return sampler_class(name)(**kwargs)
+
+
+Sampler.extra_models = ()
+Sampler.optional_models = ()

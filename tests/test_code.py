@@ -9,7 +9,7 @@ from scipy.special import log_softmax as np_log_softmax, rel_entr
 from samplers import DefaultSampler, build_sampler
 from samplers.code.sampler import CoDeSampler
 from samplers.scalekv.policies import peak_cache_len, scale_lengths
-from samplers.staged import GenerationState, conditions_for, embed_scales
+from samplers.engine import ScaleState as GenerationState, conditions as conditions_for, embed_scales
 from tokenizers import VQVAE, VQVAEConfig
 from var import VAR
 from samplers.code.training import distillation_loss, drafter_loss, kd_lambda, scale_weights

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 import samplers.dd.sampler  # noqa: F401  (registers "dd" and the "dd" draft source)
-from conftest import make_tiny_pair
+from tests.conftest import make_tiny_pair
 from samplers import build_sampler
 from samplers.dd.sampler import DDSampler, draw_noise
 from samplers.dd.flow_map import FlowSampler

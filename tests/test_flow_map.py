@@ -7,7 +7,7 @@ import torch
 from scipy import stats
 
 import samplers.dd.flow_map  # noqa: F401  (registers "flow")
-from conftest import make_tiny_pair
+from tests.conftest import make_tiny_pair
 from samplers import build_sampler
 from samplers.dd.flow_map import FlowMapConfig, flow_map
 

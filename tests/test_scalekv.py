@@ -44,11 +44,11 @@ class CheckedPolicy(KVPolicy):
     def __init__(self, inner):
         self.inner, self.needs_queries, self.seen = inner, inner.needs_queries, []
 
-    def compress(self, cache, model, si):
+    def compress(self, cache, model, si, queries=None):
         lens = [cache.layer_len(i) for i in range(cache.num_layers)]
         budgets = None if si == len(PN) - 1 else self.inner.layer_budgets(cache.num_layers, PN, si, lens)
         win = [cache.positions[i][:, :, window_cache_index(lens[i], PN[si])].clone() for i in range(cache.num_layers)]
-        record = self.inner.compress(cache, model, si)
+        record = self.inner.compress(cache, model, si, queries)
         for layer in range(cache.num_layers):
             pos = cache.positions[layer]
             want = lens[layer] if budgets is None else min(budgets[layer], lens[layer])
@@ -82,15 +82,18 @@ def test_each_layer_and_head_holds_exactly_its_budget(setup, policy):
 def test_per_head_selection_differs_between_heads_and_rows(setup):
     vae, var, cal = setup
     policy = build_policy("snapkv", var, 0.4)
-    cache = var.new_cache(record_queries=True)
-    from samplers.staged import new_state, run_scales
-    sampler = ScaleKVSampler(var, vae, policy=None)
-    state = new_state(sampler, len(LABELS))
-    args = dict(cfg=1.5, top_k=10, top_p=0.0, temperature=1.0, more_smooth=False)
-    from samplers.base import SamplerStats
-    run_scales(sampler, var, "var", LABELS, cache, state, 0, 4, torch.Generator().manual_seed(0), SamplerStats(),
-               sampling=args, policy=policy)
-    pos = cache.positions[1]
+    after_scale_3 = []
+
+    class Spy(KVPolicy):  # the real policy; keeps layer 1's positions after the compression of scale 3
+        needs_queries = True
+
+        def compress(self, cache, model, si, queries=None):
+            record = policy.compress(cache, model, si, queries)
+            if si == 3:
+                after_scale_3.append(cache.positions[1].clone())
+            return record
+    ScaleKVSampler(var, vae, policy=Spy()).sample(LABELS, cfg=1.5, top_k=10, seed=0, decode=False)
+    pos = after_scale_3[0]
     assert not bool((pos == pos[:, :1]).all()) and not bool((pos == pos[:1]).all())
 
 
@@ -196,7 +199,7 @@ def test_scores_come_from_the_attention_the_layer_really_computes(setup):
     `proj` by a forward hook) at the window positions: same normalised q, k and scale as the model."""
     from einops import rearrange
 
-    from samplers.staged import conditions_for
+    from samplers.engine import conditions as conditions_for
     vae, var, _ = setup
     policy = build_policy("snapkv", var, 0.4)
     captured = {}
@@ -206,12 +209,14 @@ def test_scores_come_from_the_attention_the_layer_really_computes(setup):
         tokens = DefaultSampler(var, vae).sample(LABELS, seed=0, cfg=1.5, top_k=10, decode=False).tokens
         x_tf = vae.quantize.teacher_forcing_input(tokens).repeat(2, 1, 1)
         cond = conditions_for(var, LABELS)
-        cache = var.new_cache(record_queries=True)
+        cache = var.new_cache()
+        queries = [None] * var.depth  # recorded through the model's attention observer
         si = 4  # prefill scales 0..4 in one forward; the window queries are the 4x4 grid centres of the 5x5 map
         with torch.no_grad():
-            var.run_blocks(var.embed(cond, x_tf[:, :scale_lengths(PN)[si] - 1], 0, si + 1), cond, cache, 0)
+            var.run_blocks(var.embed(cond, x_tf[:, :scale_lengths(PN)[si] - 1], 0, si + 1), cond, cache, 0,
+                           lambda layer, q, k: queries.__setitem__(layer, q))
             for layer in range(var.depth):
-                attn = policy.window_logits(cache, var, layer, si).softmax(-1)
+                attn = policy.window_logits(cache, var, layer, si, queries).softmax(-1)
                 out = rearrange(attn @ cache.values[layer], "b h w c -> b w (h c)")
                 real = captured[layer][:, scale_lengths(PN)[si] - 25:][:, window_offsets(5)]
                 torch.testing.assert_close(out, real, atol=1e-5, rtol=1e-5)
@@ -230,8 +235,8 @@ def test_paper_variant_switches(setup):
         cache_positions = []
         orig = checked.inner.compress
 
-        def spy(cache, model, si, orig=orig):
-            rec = orig(cache, model, si)
+        def spy(cache, model, si, queries=None, orig=orig):
+            rec = orig(cache, model, si, queries)
             cache_positions.append([p.clone() for p in cache.positions])
             return rec
         checked.inner.compress = spy

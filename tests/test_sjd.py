@@ -20,9 +20,10 @@ import samplers.sjd.sampler  # noqa: F401  (registers "sjd"; samplers/__init__.p
 from samplers import build_sampler
 from samplers.sjd.drafts import JacobiDraft, RandomDraft
 from samplers.logits_processing import apply_temperature, cfg_strength, guide, top_k_top_p_filter_
-from samplers.sjd.loop import BlockSJD, BlockTarget, Draft, DraftSource, SJDSettings
+from samplers.sjd.speculation import Draft, DraftSource, SJDSettings
+from tests.sjd_toy import BlockSJD, BlockTarget
 from samplers.sjd.verify import AcceptRule, derive_generator, multinomial_rows, verify_block
-from conftest import make_tiny_pair
+from tests.conftest import make_tiny_pair
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: deterministic, uncontended CPU runs
 

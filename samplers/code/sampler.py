@@ -1,79 +1,86 @@
 """CoDe: collaborative decoding (Chen et al., CVPR 2025) with a large drafter and a small refiner.
 
-1. The drafter (the sampler's `var`) samples scales 0..N-1 with its KV cache; the per-scale inputs
-   (area-downsampled f_hat) are kept, model-independent.
-2. The drafter's cache is freed: peak KV is max(drafter phase, refiner phase), not the sum.
-3. The refiner prefills scales 0..N from those inputs in ONE forward (block-causal among them,
-   equivalent to teacher forcing on the drafter's tokens) and samples scale N from its last block.
-4. The refiner continues ordinary cached sampling for N+1..K-1 on the same f_hat.
+A stage configuration of the engine:
+1. the drafter (the sampler's `var`) samples scales 0..N-1 with its KV cache; the per-scale inputs
+   (area-downsampled f_hat) are kept, model-independent;
+2. the drafter's cache is freed: peak KV is max(drafter phase, refiner phase), not the sum;
+3. the refiner prefills scales 0..N from those inputs in ONE forward (block-causal among them,
+   equivalent to teacher forcing on the drafter's tokens) and samples scale N from its last block;
+4. the refiner continues ordinary cached sampling for N+1..K-1 on the same f_hat.
 The CFG ramp and the per-scale temperature use the global scale index in both models.
 
-Both models can have a KV-compression policy (e.g. ScaleKV calibrated for each model), applied to
-their own cache after each scale: CoDe x ScaleKV is a configuration of this sampler.
+Stacks with every other accelerator: code+scalekv compresses both caches (one calibration per model),
+code+sjd verifies speculative windows inside each stage (never across the hand-over), code+edit and
+code+flow change how tokens are chosen in both stages. The default N is the authors' fraction, 8 of 10
+scales (round(0.8 K) for other schedules).
 """
 from __future__ import annotations
 
-import torch
-
-from samplers.base import Sampler, SamplerStats, check_models_compatible, register_sampler
-from samplers.scalekv.policies import KVPolicy
+from samplers.base import Accelerator, register_sampler, sampler_class
+from samplers.engine import Plan, VARStage
 from samplers.scalekv.sampler import build_policy
-from samplers.staged import new_state, run_scales
-from tokenizers import VQVAE
+from training.checkpoint import check_models_compatible
 from var import VAR
 
 
-@register_sampler("code")
-class CoDeSampler(Sampler):
-    """`var` is the drafter, `refiner` the small model; draft_scales = N scales drafted (0..K).
+def default_draft_scales(num_scales: int) -> int:
+    """The CoDe paper drafts 8 of the 10 ImageNet scales; other schedules keep that fraction."""
+    return round(0.8 * num_scales)
 
-    kv_policy / kv_budget_frac / drafter_calibration / refiner_calibration: optional KV compression of
-    both caches (policy names as in samplers.scalekv.sampler: none, scalekv, snapkv, window); ScaleKV needs one
-    calibration file per model. Python callers may pass ready `drafter_kv` / `refiner_kv` policy objects.
+
+@register_sampler("code")
+class CoDe(Accelerator):
+    """`var` is the drafter, `refiner` the small model; draft_scales = N scales drafted (0..K; -1: round(0.8 K)).
+
+    kv_policy / kv_budget_frac / drafter_calibration / refiner_calibration: optional KV compression of both
+    caches (none, scalekv, snapkv, window; ScaleKV needs one calibration file per model) — the same as
+    stacking `code+scalekv`. Python callers may pass ready `drafter_kv` / `refiner_kv` policy objects.
     """
     extra_models = ("refiner",)
-    options = {"draft_scales": int, "kv_policy": str, "kv_budget_frac": float, "drafter_calibration": str,
-               "refiner_calibration": str}
 
-    def __init__(self, var: VAR, vae: VQVAE, *, refiner: VAR, draft_scales: int = 6, kv_policy: str = "none",
+    def __init__(self, *, refiner: VAR | None = None, draft_scales: int = -1, kv_policy: str = "none",
                  kv_budget_frac: float = 0.35, drafter_calibration: str = "", refiner_calibration: str = "",
-                 drafter_kv: KVPolicy | None = None, refiner_kv: KVPolicy | None = None):
-        super().__init__(var, vae)
+                 drafter_kv=None, refiner_kv=None):
         if refiner is None:
-            raise ValueError("CoDe needs a refiner model (sample.py: --refiner PATH)")
-        check_models_compatible(refiner, vae, "refiner")
-        if refiner.num_classes != var.num_classes:
-            raise ValueError(f"drafter has {var.num_classes} classes but refiner {refiner.num_classes}; "
-                             f"the pair must be trained on the same label set")
-        K = var.num_scales
-        if not isinstance(draft_scales, int) or not 0 <= draft_scales <= K:
-            raise ValueError(f"draft_scales must be an integer in [0, {K}] (scales drafted by the large model), "
-                             f"got {draft_scales!r}")
-        self.refiner, self.draft_scales = refiner, draft_scales
-        self.drafter_kv = drafter_kv if drafter_kv is not None else build_policy(
-            kv_policy, var, kv_budget_frac, drafter_calibration or None)
-        self.refiner_kv = refiner_kv if refiner_kv is not None else build_policy(
-            kv_policy, refiner, kv_budget_frac, refiner_calibration or None)
+            raise ValueError("CoDe needs a refiner model (sample.py: --model refiner=PATH)")
+        self.refiner, self.draft_scales_option = refiner, draft_scales
+        self.kv_policy, self.kv_budget_frac = kv_policy, kv_budget_frac
+        self.drafter_calibration, self.refiner_calibration = drafter_calibration, refiner_calibration
+        self.drafter_kv, self.refiner_kv = drafter_kv, refiner_kv
 
-    def _generate(self, labels_B: torch.Tensor, generator, stats: SamplerStats, *, cfg, top_k, top_p, temperature,
-                  more_smooth):
-        sampling = dict(cfg=cfg, top_k=top_k, top_p=top_p, temperature=temperature, more_smooth=more_smooth)
-        K, N = self.num_scales, self.draft_scales
-        state = new_state(self, labels_B.shape[0])
-        if N > 0:
-            cache = self.var.new_cache(record_queries=bool(self.drafter_kv and self.drafter_kv.needs_queries))
-            run_scales(self, self.var, "drafter", labels_B, cache, state, 0, N, generator, stats,
-                       sampling=sampling, policy=self.drafter_kv)
-            stats.extra["kv_bytes_peak_drafter"] = stats.kv_bytes_peak
-            cache.clear()  # the refiner cannot reuse it (other width); free it before the refiner runs
-            del cache
-        if N < K:
-            peak_before = stats.kv_bytes_peak
-            stats.kv_bytes_peak = 0
-            cache = self.refiner.new_cache(record_queries=bool(self.refiner_kv and self.refiner_kv.needs_queries))
-            run_scales(self, self.refiner, "refiner", labels_B, cache, state, N, K, generator, stats,
-                       sampling=sampling, policy=self.refiner_kv, prefill_from=0)
-            stats.extra["kv_bytes_peak_refiner"] = stats.kv_bytes_peak
-            stats.kv_bytes_peak = max(peak_before, stats.kv_bytes_peak)
-        stats.extra["draft_scales"] = N
-        return state.tokens, state.f_hat
+    def owned_slots(self):
+        own_kv = self.kv_policy != "none" or self.drafter_kv is not None or self.refiner_kv is not None
+        return ("stages", "kv") if own_kv else ("stages",)
+
+    def check(self, sampler, others) -> None:
+        var, vae = sampler.var, sampler.vae
+        check_models_compatible(self.refiner, vae, "refiner")
+        if self.refiner.num_classes != var.num_classes:
+            raise ValueError(f"drafter has {var.num_classes} classes but refiner {self.refiner.num_classes}; "
+                             f"the pair must be trained on the same label set")
+        K, N = var.num_scales, self.draft_scales_option
+        if N == -1:
+            N = default_draft_scales(K)
+        if not isinstance(N, int) or not 0 <= N <= K:
+            raise ValueError(f"draft_scales must be an integer in [0, {K}] (scales drafted by the large model; "
+                             f"-1 = round(0.8 K)), got {self.draft_scales_option!r}")
+        self.draft_scales = N
+        if self.drafter_kv is None:
+            self.drafter_kv = build_policy(self.kv_policy, var, self.kv_budget_frac, self.drafter_calibration or None)
+        if self.refiner_kv is None:
+            self.refiner_kv = build_policy(self.kv_policy, self.refiner, self.kv_budget_frac,
+                                           self.refiner_calibration or None)
+
+    def configure(self, plan: Plan, sampler) -> None:
+        K, N = sampler.num_scales, self.draft_scales
+        plan.stages = ([VARStage("drafter", sampler.var, 0, N)] if N > 0 else []) + \
+                      ([VARStage("refiner", self.refiner, N, K)] if N < K else [])
+        for name, policy in (("drafter", self.drafter_kv), ("refiner", self.refiner_kv)):
+            if policy is not None:
+                plan.kv_policies[name] = policy
+
+    def after_run(self, stats) -> None:
+        stats.extra["draft_scales"] = self.draft_scales
+
+
+CoDeSampler = sampler_class("code")

@@ -24,10 +24,9 @@ from dataclasses import dataclass
 import torch
 from einops import rearrange
 
-from samplers.base import register_sampler
-from samplers.default import DefaultSampler
-from tokenizers import VQVAE
-from var import VAR
+from samplers.base import Accelerator, register_sampler, sampler_class
+from samplers.engine import Plan, TokenRule
+from samplers.rules import CategoricalDraw
 
 
 @dataclass(frozen=True)
@@ -121,26 +120,41 @@ def gaussian_rows(shape: tuple[int, ...], generator, device: torch.device) -> to
     return torch.randn(shape, generator=generator, device=device)
 
 
-@register_sampler("flow")
-class FlowSampler(DefaultSampler):
-    """options: flow_steps (ODE solver steps after the first)."""
-    options = {"flow_steps": int}
+class FlowTransport(TokenRule):
+    """The flow-map token rule: eps ~ N(0, I_Cv) per token from the generator, mapped through the processed
+    distribution of the plain draw. The noise of the last run is kept in `last_noise` (per scale)."""
+    name = "flow"
+    verifiable = False
 
-    def __init__(self, var: VAR, vae: VQVAE, *, flow_steps: int = FlowMapConfig.steps):
-        super().__init__(var, vae)
+    def __init__(self, config: FlowMapConfig, owner: "Flow"):
+        self.config, self.owner = config, owner
+
+    def start(self, engine) -> None:
+        self.owner.last_noise = []
+
+    def law(self, engine, guided_BlV, si):
+        return self.owner.draw.law(engine, guided_BlV, si)
+
+    def choose(self, engine, guided_BlV, si):
+        B, l, _ = guided_BlV.shape
+        codebook_VC = engine.vae.quantize.embedding.weight
+        noise_BlC = gaussian_rows((B, l, codebook_VC.shape[1]), engine.generator, guided_BlV.device)
+        self.owner.last_noise.append(noise_BlC)
+        return flow_tokens(noise_BlC, self.law(engine, guided_BlV, si), codebook_VC, self.config), None
+
+
+@register_sampler("flow")
+class Flow(Accelerator):
+    """options: flow_steps (ODE solver steps after the first). Owns the engine's token rule."""
+    slots = ("token_rule",)
+
+    def __init__(self, *, flow_steps: int = FlowMapConfig.steps):
         self.flow_config = FlowMapConfig(steps=flow_steps)
+        self.draw = CategoricalDraw()
         self.last_noise: list[torch.Tensor] = []
 
-    def pick_tokens(self, processed_BlV: torch.Tensor, si: int, generator, more_smooth: bool):
-        if more_smooth:
-            raise ValueError("more_smooth mixes soft codes and has no single token per position; use the default sampler")
-        if si == 0:
-            self.last_noise = []
-        B, l, _ = processed_BlV.shape
-        pn = self.var.patch_nums[si]
-        codebook_VC = self.vae.quantize.embedding.weight
-        noise_BlC = gaussian_rows((B, l, codebook_VC.shape[1]), generator, processed_BlV.device)
-        self.last_noise.append(noise_BlC)
-        idx_Bl = flow_tokens(noise_BlC, processed_BlV.float().softmax(-1), codebook_VC, self.flow_config)
-        codes_BlC = self.vae.quantize.embedding(idx_Bl)
-        return idx_Bl, rearrange(codes_BlC, "b (h w) c -> b c h w", h=pn, w=pn)
+    def configure(self, plan: Plan, sampler) -> None:
+        plan.token_rule = FlowTransport(self.flow_config, self)
+
+
+FlowSampler = sampler_class("flow")

@@ -19,14 +19,16 @@ from __future__ import annotations
 import torch
 from einops import rearrange
 
-from samplers.base import Sampler, SamplerStats, check_models_compatible, register_sampler
-from samplers.sjd.drafts import register_draft_source
+from samplers.base import Accelerator, register_sampler, sampler_class
 from samplers.dd.flow_map import gaussian_rows
-from samplers.sjd.loop import Draft, DraftSource
-from samplers.staged import GenerationState, run_scales
-from tokenizers import VQVAE
-from var import VAR
 from samplers.dd.student import DDStudent
+from samplers.engine import OneShotStage, Plan, VARStage
+from samplers.sjd.drafts import register_draft_source
+from samplers.sjd.speculation import Draft, DraftSource
+from samplers.stats import SamplerStats
+from tokenizers import VQVAE
+from training.checkpoint import check_models_compatible
+from var import VAR
 
 SCHEDULES = ("1step", "2step", "teacher")
 
@@ -66,8 +68,7 @@ class StudentRunner:
         st = self.student
         slots = torch.cat([self.codes(tokens[s]) if s < t else noise[s].float() for s in range(st.num_scales)], dim=1)
         if stats is not None:  # one forward over B rows x (start slot + L token slots)
-            stats.forwards[name] = stats.forwards.get(name, 0) + 1
-            stats.tokens_processed[name] = stats.tokens_processed.get(name, 0) + slots.shape[0] * (slots.shape[1] + 1)
+            stats.count_tokens(name, slots.shape[0], slots.shape[1] + 1)
         logits_BLV, cont_BLC = st(labels_B, slots, t)
         out_tok, out_vec = [], []
         for s, sl in enumerate(st.scale_slices()):
@@ -84,73 +85,83 @@ class StudentRunner:
         return out_tok, out_vec
 
 
+class StudentStage(OneShotStage):
+    """Scales [begin, end) from one student forward at t = begin (committed scales < begin given as data, the
+    run's noise for the rest). snap=True commits the nearest codes (the teacher-involved schedule feeds the
+    teacher from codes); otherwise continuous-head scales enter f_hat as the vectors the student emitted."""
+
+    def __init__(self, dd: "DD", begin: int, end: int, snap: bool = False):
+        self.dd, self.begin, self.end, self.snap, self.name = dd, begin, end, snap, "student"
+
+    def start(self, engine) -> None:
+        self.dd.ensure_noise(engine)
+
+    def generate(self, engine):
+        K = self.dd.student.num_scales
+        committed = list(engine.state.tokens) + [None] * (K - self.begin)
+        tokens, vecs = self.dd.runner.step(engine.labels_B, self.dd.noise, committed, self.begin, engine.stats)
+        return [(tokens[s], None if self.snap else vecs[s]) for s in range(self.begin, self.end)]
+
+
 @register_sampler("dd")
-class DDSampler(Sampler):
+class DD(Accelerator):
     """Distilled decoding. Extra model: student (a DDStudent distilled from `var`). Options: schedule
     (1step | 2step | teacher), teacher_start (first scale the teacher regenerates, teacher schedule only;
     default t2 - 1). stats.forwards counts "student" and "var" (teacher) forwards separately."""
+    slots = ("stages",)
     extra_models = ("student",)
-    options = {"schedule": str, "teacher_start": int}
 
-    def __init__(self, var: VAR, vae: VQVAE, *, student: DDStudent, schedule: str = "1step",
-                 teacher_start: int | None = None):
-        super().__init__(var, vae)
-        check_student(student, var, vae)
+    def __init__(self, *, student: DDStudent | None = None, schedule: str = "1step", teacher_start: int | None = None):
+        if student is None:
+            raise ValueError("the dd sampler needs a distilled student (sample.py: --model student=PATH)")
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
-        t2 = student.t2
         if teacher_start is not None and schedule != "teacher":
             raise ValueError(f"teacher_start only applies to schedule='teacher', not {schedule!r}")
-        self.teacher_start = t2 - 1 if teacher_start is None else teacher_start
+        self.student, self.schedule, self.teacher_start_option = student, schedule, teacher_start
+        self.noise: list[torch.Tensor] | None = None
+
+    def check(self, sampler, others) -> None:
+        check_student(self.student, sampler.var, sampler.vae)
+        t2 = self.student.t2
+        self.teacher_start = t2 - 1 if self.teacher_start_option is None else self.teacher_start_option
         if not 0 <= self.teacher_start < t2:
             raise ValueError(f"teacher_start must be in [0, t2 - 1] = [0, {t2 - 1}] (the student's t2 is {t2}), "
-                             f"got {teacher_start}")
-        self.student, self.schedule = student, schedule
-        self.runner = StudentRunner(student, vae)
+                             f"got {self.teacher_start_option}")
+        self.runner = StudentRunner(self.student, sampler.vae)
+        for o in others:
+            if o.name in ("flow", "sjd"):
+                raise ValueError(f"dd+{o.name}: the student emits its scales in one forward from noise it draws "
+                                 f"itself; there is no per-token draw for {o.name} to replace (for Block-SJD, use the "
+                                 f"student as its draft source: sjd with draft=dd)")
 
-    def _generate(self, labels_B, generator, stats: SamplerStats, *, cfg, top_k, top_p, temperature, more_smooth):
-        if more_smooth:
-            raise ValueError("more_smooth has no meaning for the distilled student (no categorical draws); "
-                             "use more_smooth=False")
-        st, B, t2 = self.student, labels_B.shape[0], self.student.t2
-        noise = draw_noise(st, B, generator, self.device)
-        empty = [None] * st.num_scales
+    def configure(self, plan: Plan, sampler) -> None:
+        K, t2, s = sampler.num_scales, self.student.t2, self.teacher_start
+        self.noise = None
         if self.schedule == "1step":
-            tokens, vecs = self.runner.step(labels_B, noise, empty, 0, stats)
+            plan.stages = [StudentStage(self, 0, K)]
         elif self.schedule == "2step":
-            first, _ = self.runner.step(labels_B, noise, empty, 0, stats)
-            tokens, vecs = self.runner.step(labels_B, noise, first, t2, stats)  # same noise for scales >= t2
+            plan.stages = [StudentStage(self, 0, t2, snap=True), StudentStage(self, t2, K)]
         else:
-            tokens, vecs = self._teacher_involved(labels_B, noise, generator, stats,
-                                                  dict(cfg=cfg, top_k=top_k, top_p=top_p, temperature=temperature,
-                                                       more_smooth=False))
-        stats.extra.update({"schedule": self.schedule, "t2": t2, "loss_split": st.loss_split,
+            plan.stages = ([StudentStage(self, 0, s, snap=True)] if s > 0 else []) + \
+                          [VARStage("var", sampler.var, s, t2), StudentStage(self, t2, K)]
+
+    def ensure_noise(self, engine) -> None:
+        """Per scale (B, n_s, Cv), drawn once per run before anything else uses the generator (the order the
+        `flow` sampler draws it: with the same seed(s) the student maps the noise the teacher's flow sampling
+        would have mapped)."""
+        if self.noise is None:
+            self.noise = draw_noise(self.student, engine.labels_B.shape[0], engine.generator, engine.labels_B.device)
+
+    def after_run(self, stats) -> None:
+        st = self.student
+        stats.extra.update({"schedule": self.schedule, "t2": st.t2, "loss_split": st.loss_split,
                             "continuous_scales": list(range(st.loss_split, st.num_scales)),
                             "teacher_start": self.teacher_start if self.schedule == "teacher" else None})
-        return tokens, self.assemble_fhat(vecs)
+        self.noise = None
 
-    def _teacher_involved(self, labels_B, noise, generator, stats, sampling):
-        st, s, t2 = self.student, self.teacher_start, self.student.t2
-        q = self.vae.quantize
-        state = GenerationState(f_hat=self.empty_fhat(labels_B.shape[0]))
-        if s > 0:
-            snapped, _ = self.runner.step(labels_B, noise, [None] * st.num_scales, 0, stats)
-            for si in range(s):  # teacher-forcing input of scales 1..s from the snapped student tokens
-                state.tokens.append(snapped[si])
-                state.f_hat, nxt = q.next_input(si, state.f_hat, q.lookup(snapped[si], st.patch_nums[si]))
-                state.inputs.append(rearrange(nxt, "b c h w -> b (h w) c"))
-        cache = self.var.new_cache()
-        run_scales(self, self.var, "var", labels_B, cache, state, s, t2, generator, stats, sampling=sampling,
-                   prefill_from=0 if s > 0 else None)
-        return self.runner.step(labels_B, noise, state.tokens + [None] * (st.num_scales - t2), t2, stats)
 
-    def assemble_fhat(self, vecs: list[torch.Tensor]) -> torch.Tensor:
-        """Residual accumulation (phi, upsample) of per-scale vectors, off-codebook ones included."""
-        q = self.vae.quantize
-        f_hat = self.empty_fhat(vecs[0].shape[0])
-        for si, (pn, vec) in enumerate(zip(self.student.patch_nums, vecs)):
-            f_hat = f_hat + q.scale_contribution(si, rearrange(vec, "b (h w) c -> b c h w", h=pn, w=pn))
-        return f_hat
+DDSampler = sampler_class("dd")
 
 
 class DDDraft(DraftSource):

@@ -15,17 +15,16 @@ another model is refused. CLI: python -m samplers.scalekv.calibration --var V.sa
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
-import os
 from pathlib import Path
 
 import torch
 
+from samplers.base import Sampler
+from samplers.scalekv.calibration_file import FORMAT, VERSION, load_calibration, model_fingerprint, save_calibration  # noqa: F401
 from samplers.scalekv.policies import CompressionRecord, KVPolicy
+from samplers.scalekv.sampler import ScaleKV
+from training.checkpoint import load_any
 
-FORMAT = "var-scalekv-calibration"
-VERSION = 1
 
 
 def asi_terms(attn_BHqL: torch.Tensor, n_current: int, hist_topk: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,13 +73,13 @@ class ASIRecorder(KVPolicy):
         self.counts = torch.zeros(num_layers, num_scales, dtype=torch.float64)
 
     @torch.no_grad()
-    def compress(self, cache, model, si) -> CompressionRecord:
+    def compress(self, cache, model, si, queries=None) -> CompressionRecord:
         n = model.patch_nums[si] ** 2
         lens = [cache.layer_len(i) for i in range(cache.num_layers)]
         for layer in range(cache.num_layers):
-            q = cache.queries[layer][:, :, -n:].float()
-            attn = (torch.einsum("bhqc,bhlc->bhql", q, cache.keys[layer].float())
-                    * model.blocks[layer].attn.scale).softmax(-1)
+            q = queries[layer][:, :, -n:].float()
+            k = cache.keys[layer][:, :, :lens[layer]].float()
+            attn = model.blocks[layer].attn.attention_logits(q, k).softmax(-1)
             current, conc = asi_terms(attn, n, self.hist_topk)
             self.sums[0, layer, si] += current.sum().double()
             self.sums[1, layer, si] += conc.sum().double()
@@ -92,27 +91,13 @@ class ASIRecorder(KVPolicy):
         return means[0] * means[1]
 
 
-def model_fingerprint(model: torch.nn.Module) -> dict:
-    """sha256 of the model's config (JSON) and of every tensor of its state dict (names, shapes, dtypes, bytes)."""
-    config = model.config_dict() if hasattr(model, "config_dict") else {}
-    cfg_hash = hashlib.sha256(json.dumps(config, sort_keys=True, default=list).encode()).hexdigest()
-    h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        t = t.detach().to("cpu").contiguous().reshape(-1)
-        h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes())
-    return {"config_sha256": cfg_hash, "weights_sha256": h.hexdigest()}
-
-
 @torch.no_grad()
 def calibrate(var, vae, labels, seeds, *, drafter_frac: float = 0.08, hist_topk: int = 16, cfg: float = 1.5,
               top_k: int = 0, top_p: float = 0.0) -> dict:
     """Run the uncompressed sampler on `labels` x `seeds` (one generation per seed, all labels in a batch)."""
-    from samplers.scalekv.sampler import ScaleKVSampler
-
     K = var.num_scales
     recorder = ASIRecorder(var.depth, K, hist_topk)
-    sampler = ScaleKVSampler(var, vae, policy=recorder)
+    sampler = Sampler(var, vae, ScaleKV(policy=recorder))
     labels = torch.as_tensor(labels, dtype=torch.long)
     for seed in seeds:
         sampler.sample(labels, cfg=cfg, top_k=top_k, top_p=top_p, seed=int(seed), decode=False)
@@ -129,39 +114,11 @@ def calibrate(var, vae, labels, seeds, *, drafter_frac: float = 0.08, hist_topk:
             "drafter_mask": mask}
 
 
-def save_calibration(result: dict, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(result, indent=1))
-    os.replace(tmp, path)
-    return path
-
-
-def load_calibration(path: str | Path, model) -> dict:
-    """Read a calibration JSON and refuse it unless it was made for exactly this model."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"ScaleKV calibration {path} does not exist; create it with "
-                                f"`python -m samplers.scalekv.calibration --var <model> --tokenizer <tok> --out {path}`")
-    data = json.loads(path.read_text())
-    if data.get("format") != FORMAT or data.get("version") != VERSION:
-        raise ValueError(f"{path} is not a {FORMAT} v{VERSION} file (format={data.get('format')!r}, "
-                         f"version={data.get('version')!r}); re-run the calibration")
-    mine = model_fingerprint(model)
-    theirs = data["model"]
-    if mine != {k: theirs.get(k) for k in mine}:
-        what = "config" if mine["config_sha256"] != theirs.get("config_sha256") else "weights"
-        raise ValueError(f"ScaleKV calibration {path} was made for a different model (its {what} hash differs: "
-                         f"file {theirs.get(what + '_sha256', '?')[:12]}, model {mine[what + '_sha256'][:12]}). "
-                         f"Budgets are model specific: re-run `python -m samplers.scalekv.calibration` for this model")
-    return data
-
-
 def main(argv=None) -> None:
     from training.checkpoint import load_any
+    from training.errors import make_parser
 
-    p = argparse.ArgumentParser(description="ScaleKV calibration of one VAR model")
+    p = make_parser(description="ScaleKV calibration of one VAR model")
     p.add_argument("--var", required=True, help="VAR checkpoint (.safetensors or official .pth)")
     p.add_argument("--tokenizer", required=True, help="its tokenizer checkpoint")
     p.add_argument("--out", required=True, help="calibration JSON to write")
@@ -181,4 +138,8 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    from training.errors import run_cli
+
+    sys.exit(run_cli(main))

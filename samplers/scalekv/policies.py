@@ -108,20 +108,19 @@ class KVPolicy:
     def layer_budgets(self, num_layers: int, patch_nums, si: int, lens: list[int]) -> list[int] | None:
         raise NotImplementedError
 
-    def choose(self, cache: KVCache, model, layer: int, si: int, budget: int) -> torch.Tensor:
+    def choose(self, cache: KVCache, model, layer: int, si: int, budget: int, queries) -> torch.Tensor:
         raise NotImplementedError
 
     @torch.no_grad()
-    def compress(self, cache: KVCache, model, si: int) -> CompressionRecord:
-        """Compress every layer of `cache` after the forward of scale si (no-op at the last scale)."""
+    def compress(self, cache: KVCache, model, si: int, queries=None) -> CompressionRecord:
+        """Compress every layer of `cache` after scale si was committed (no-op at the last scale).
+        queries[layer] (B, H, l, c): that scale's forward queries, from the model's attention observer."""
         lens = [cache.layer_len(i) for i in range(cache.num_layers)]
         budgets = None if si >= len(model.patch_nums) - 1 else self.layer_budgets(cache.num_layers, model.patch_nums, si, lens)
         if budgets is not None:
             for layer, (n, b) in enumerate(zip(lens, budgets)):
                 if b < n:
-                    cache.select(layer, self.choose(cache, model, layer, si, b))
-        if self.needs_queries:  # queries are only kept for this step; do not let them grow the memory peak
-            cache.queries = [None] * cache.num_layers
+                    cache.select(layer, self.choose(cache, model, layer, si, b, queries))
         return CompressionRecord(si, lens, [cache.layer_len(i) for i in range(cache.num_layers)])
 
 
@@ -137,8 +136,9 @@ class WindowPolicy(KVPolicy):
     def layer_budgets(self, num_layers, patch_nums, si, lens):
         return [self.budget] * num_layers if max(lens) > self.budget else None
 
-    def choose(self, cache, model, layer, si, budget):
-        B, H, n, _ = cache.keys[layer].shape
+    def choose(self, cache, model, layer, si, budget, queries):
+        B, H, _, _ = cache.keys[layer].shape
+        n = cache.layer_len(layer)
         return torch.arange(n - budget, n, device=cache.keys[layer].device).expand(B, H, budget)
 
 
@@ -164,21 +164,21 @@ class SelectionPolicy(KVPolicy):
     def layer_budgets(self, num_layers, patch_nums, si, lens):
         return self.budget_fn(num_layers, patch_nums, si, lens)
 
-    def window_logits(self, cache: KVCache, model, layer: int, si: int) -> torch.Tensor:
+    def window_logits(self, cache: KVCache, model, layer: int, si: int, queries) -> torch.Tensor:
         """(B, H, |W|, L_layer) attention logits of the window queries of scale si on the whole layer cache,
-        computed exactly as the layer does (its normalised q, cached normalised k, its scale)."""
-        q_BHlc = cache.queries[layer]
+        computed by the layer itself (`attention_logits`: its normalised q, cached k, its scale)."""
+        q_BHlc = None if queries is None else queries[layer]
         if q_BHlc is None:
-            raise RuntimeError("score-based KV compression needs the cache's queries: create it with "
-                               "model.new_cache(record_queries=True)")
+            raise RuntimeError("score-based KV compression needs the forward's queries (the engine records them "
+                               "through the model's attention observer when policy.needs_queries)")
         pn = model.patch_nums[si]
         q_win = q_BHlc[:, :, q_BHlc.shape[2] - pn * pn:][:, :, window_offsets(pn).to(q_BHlc.device)]
-        k = cache.keys[layer]
-        return torch.einsum("bhwc,bhlc->bhwl", q_win.float(), k.float()) * model.blocks[layer].attn.scale
+        k = cache.keys[layer][:, :, :cache.layer_len(layer)]
+        return model.blocks[layer].attn.attention_logits(q_win.float(), k.float())
 
-    def scores(self, cache: KVCache, model, layer: int, si: int) -> torch.Tensor:
+    def scores(self, cache: KVCache, model, layer: int, si: int, queries) -> torch.Tensor:
         """(B, H, L_layer) pooled importance of every cached entry for the window queries of scale si."""
-        logits_BHwL = self.window_logits(cache, model, layer, si)
+        logits_BHwL = self.window_logits(cache, model, layer, si, queries)
         if self.score == "softmax":
             logits_BHwL = logits_BHwL.softmax(dim=-1)
         scores = logits_BHwL.sum(dim=2)
@@ -186,9 +186,9 @@ class SelectionPolicy(KVPolicy):
             scores = scores.mean(dim=1, keepdim=True).expand_as(scores)
         return pool_scores(scores, self.pooling, self.kernel)
 
-    def choose(self, cache, model, layer, si, budget):
+    def choose(self, cache, model, layer, si, budget, queries):
         keep = window_cache_index(cache.layer_len(layer), model.patch_nums[si])
-        return select_topk(self.scores(cache, model, layer, si), keep, budget)
+        return select_topk(self.scores(cache, model, layer, si, queries), keep, budget)
 
 
 # ---- budget functions ---------------------------------------------------------------------------

@@ -6,18 +6,21 @@ compressed scale (never less than the observation window, or B if that is smalle
 `samplers/scalekv/calibration.py`) share the remainder, capped at what they hold; what a cap leaves over goes
 back to the refiners. A scale is compressed once the uncompressed cache would exceed B.
 
-`build_policy` makes any of {scalekv, snapkv, window} for any model, so CoDe can compress its refiner
-and drafter with the same objects (composition, not a fork).
+`build_policy` makes any of {scalekv, snapkv, window} for any model. As an accelerator it owns the engine's
+"kv" slot: it gives every VAR stage of the plan its policy, so `scalekv` alone compresses the one model,
+`code+scalekv` both CoDe models (calibration / refiner_calibration), `sjd+scalekv` compresses at every commit
+of a speculative pass (the entries of the scales inside one window stay uncompressed until committed, so
+with window_scales=1 it is exactly `scalekv`).
 """
 from __future__ import annotations
 
 import torch
 
-from samplers.base import Sampler, SamplerStats, register_sampler
+from samplers.base import Accelerator, register_sampler, sampler_class
+from samplers.engine import Plan, VARStage
+from samplers.scalekv.calibration_file import load_calibration
 from samplers.scalekv.policies import (KVPolicy, SelectionPolicy, WindowPolicy, budget_tokens, scale_lengths,
                                      uniform_budget, window_size)
-from samplers.staged import new_state, run_scales
-from tokenizers import VQVAE
 from var import VAR
 
 POLICIES = ("none", "scalekv", "snapkv", "window")
@@ -91,38 +94,51 @@ def build_policy(kind: str, model: VAR, budget_frac: float, calibration: str | N
     if not calibration:
         raise ValueError("the 'scalekv' policy needs a calibration file for this model (see "
                          "`python -m samplers.scalekv.calibration --help`); use 'snapkv' for uniform budgets without one")
-    # imported here, not at module level: `python -m samplers.scalekv.calibration` must not find itself pre-imported
-    from samplers.scalekv.calibration import load_calibration
     drafters = load_calibration(calibration, model)["drafter_mask"]
     return SelectionPolicy(scalekv_budget(drafters, budget, refiner_start, refiner_decay), "scalekv", score,
                            pooling, per_head=per_head)
 
 
 @register_sampler("scalekv")
-class ScaleKVSampler(Sampler):
-    """Ordinary next-scale sampling whose KV cache is compressed after every scale.
+class ScaleKV(Accelerator):
+    """KV-cache compression after every committed scale, for every VAR stage of the plan.
 
-    policy: scalekv (needs `calibration`), snapkv (uniform per-head selection), window (recency), none.
-    budget_frac: kept cache entries per layer as a fraction of the peak cache (entries before the last map).
+    policy: scalekv (needs `calibration`), snapkv (uniform per-head selection), window (recency), none; or a
+    ready KVPolicy object (Python). budget_frac: kept cache entries per layer as a fraction of the peak cache
+    (entries before the last map). calibration: the main model's file; refiner_calibration: CoDe's refiner's.
     """
-    options = {"policy": str, "budget_frac": float, "calibration": str, "score": str, "pooling": str,
-               "per_head": bool, "refiner_start": float, "refiner_decay": float}
+    slots = ("kv",)
 
-    def __init__(self, var: VAR, vae: VQVAE, *, policy: str | KVPolicy | None = "scalekv", budget_frac: float = 0.35,
-                 calibration: str = "", score: str = "logits", pooling: str = "max", per_head: bool = True,
+    def __init__(self, *, policy: str | None = "scalekv", budget_frac: float = 0.35, calibration: str = "",
+                 refiner_calibration: str = "", score: str = "logits", pooling: str = "max", per_head: bool = True,
                  refiner_start: float = 0.9, refiner_decay: float = 0.1):
-        super().__init__(var, vae)
-        if isinstance(policy, KVPolicy) or policy is None:
-            self.policy = policy
-        else:
-            self.policy = build_policy(policy, var, budget_frac, calibration or None, score=score, pooling=pooling,
-                                       per_head=per_head, refiner_start=refiner_start, refiner_decay=refiner_decay)
+        self.policy_spec, self.budget_frac = policy, budget_frac
+        self.calibrations = {"main": calibration, "refiner": refiner_calibration}
+        self.settings = dict(score=score, pooling=pooling, per_head=per_head, refiner_start=refiner_start,
+                             refiner_decay=refiner_decay)
+        self._built: dict[int, KVPolicy | None] = {}
 
-    def _generate(self, labels_B: torch.Tensor, generator, stats: SamplerStats, *, cfg, top_k, top_p, temperature,
-                  more_smooth):
-        sampling = dict(cfg=cfg, top_k=top_k, top_p=top_p, temperature=temperature, more_smooth=more_smooth)
-        state = new_state(self, labels_B.shape[0])
-        cache = self.var.new_cache(record_queries=bool(self.policy and self.policy.needs_queries))
-        run_scales(self, self.var, "var", labels_B, cache, state, 0, self.num_scales, generator, stats,
-                   sampling=sampling, policy=self.policy)
-        return state.tokens, state.f_hat
+    def policy_for(self, model: VAR, calibration: str) -> KVPolicy | None:
+        if isinstance(self.policy_spec, KVPolicy) or self.policy_spec is None:
+            return self.policy_spec
+        key = id(model)
+        if key not in self._built:
+            self._built[key] = build_policy(self.policy_spec, model, self.budget_frac, calibration or None,
+                                            **self.settings)
+        return self._built[key]
+
+    def configure(self, plan: Plan, sampler) -> None:
+        for stage in plan.stages:
+            if isinstance(stage, VARStage):
+                cal = self.calibrations["refiner"] if stage.name == "refiner" else self.calibrations["main"]
+                policy = self.policy_for(stage.model, cal)
+                if policy is not None:
+                    plan.kv_policies[stage.name] = policy
+
+    @property
+    def policy(self) -> KVPolicy | None:
+        """The main model's policy (what `scalekv` alone applies)."""
+        return self.policy_for(self.sampler.var, self.calibrations["main"])
+
+
+ScaleKVSampler = sampler_class("scalekv")

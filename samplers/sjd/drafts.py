@@ -21,9 +21,9 @@ from typing import Callable
 import torch
 from einops import rearrange
 
-from samplers.sjd.loop import BlockTarget, Draft, DraftSource
+from samplers.engine import conditions
+from samplers.sjd.speculation import Draft, DraftSource
 from samplers.sjd.verify import Generators, multinomial_rows, rand_rows
-from samplers.staged import conditions_for
 
 _SOURCES: dict[str, Callable] = {}
 
@@ -61,7 +61,7 @@ def repeat_previous(prev_Bm: torch.Tensor, n: int) -> torch.Tensor:
     return prev_Bm[:, idx]
 
 
-def initial_draft(init: str, b: int, batch: int, target: BlockTarget, previous: torch.Tensor | None,
+def initial_draft(init: str, b: int, batch: int, target, previous: torch.Tensor | None,
                   generator: Generators, device: torch.device) -> Draft:
     n, V = target.block_sizes[b], target.vocab_size
     if init == "repeat" and previous is not None:
@@ -139,7 +139,7 @@ class VARDraft(DraftSource):
 
     def start(self, target, batch, generator):
         super().start(target, batch, generator)
-        self.cond_2BD = conditions_for(self.model, target.labels_B)
+        self.cond_2BD = conditions(self.model, target.labels_B)
         self.cache = self.model.new_cache()
         self.n_fed = 0  # scales held in the drafter's cache
         self.used: dict[int, torch.Tensor] = {}  # drafted token maps that built later inputs of the cache
@@ -153,7 +153,7 @@ class VARDraft(DraftSource):
         return min(self.n_fed, first_bad + 1, a)  # scale a is re-fed: its logits are needed
 
     def propose(self, a, end, tokens, final):
-        t, model, vae = self.target, self.model, self.target.sampler.vae
+        t, model, vae = self.target, self.model, self.target.vae
         v = self._valid_prefix(a)
         self.cache.truncate(model.begin_ends[v][0])
         self.used = {}  # rebuilt: the cache now only holds inputs made from committed tokens (scales <= v)
@@ -166,8 +166,7 @@ class VARDraft(DraftSource):
             hidden = model.run_blocks(x, self.cond_2BD, self.cache, scale_begin=first)
             self.kv_peak = max(self.kv_peak, self.cache.nbytes())
             hidden = hidden[:, hidden.shape[1] - model.patch_nums[b] ** 2:]
-            q = t.processed_probs(model.logits(hidden, self.cond_2BD), b)
-            d = multinomial_rows(q, self.generator)
+            d, q = t.draw_with_law(model.logits(hidden, self.cond_2BD), b)  # the target's own token rule
             if tokens[b] is not None:  # condition later drafts on rows' final tokens
                 d = torch.where(final[b][:, None], tokens[b], d)
             drafts.append(Draft(d, q))
