@@ -4,9 +4,11 @@ Two formats:
 * ours: one `.safetensors` file whose metadata holds the format name and version, the model kind and
   its JSON config (plus optional extra JSON, e.g. a label map), written atomically;
 * official: the bare `torch.save`d state dicts of the public VAR release (`vae_ch160v4096z32.pth`,
-  `var_d{12..36}.pth`), read with `weights_only=True`; the VAR config is inferred from tensor shapes.
+  `var_d{12..36}.pth`), read with `weights_only=True`; the VAR config is inferred from tensor shapes, and
+  `overrides` supply the fields no tensor records (num_heads when attention is not L2-normalised).
 Every mismatch raises `CheckpointMismatchError` listing missing/unexpected keys, differing shapes and
-the likely cause.
+the likely cause; a file that is no checkpoint at all (text, empty, truncated, renamed) raises its subclass
+`NotACheckpointError` naming the file and what it looks like instead.
 """
 from __future__ import annotations
 
