@@ -59,6 +59,7 @@ class DataConfig:
     image_size: int = 32
     split: str = "train"  # fashion_mnist: train | test
     skip_corrupt: bool = False  # skip unreadable images with a counted warning instead of failing
+    skip_empty_classes: bool = False  # leave out class folders without images (counted warning) instead of failing
     num_samples: int = 2048  # procedural only
     num_classes: int = 10  # procedural only
 
@@ -68,6 +69,7 @@ class DataConfig:
         _number("data.image_size", self.image_size, integer=True, ge=8)
         _text("data.split", self.split, ("train", "test") if self.kind == "fashion_mnist" else None)
         _flag("data.skip_corrupt", self.skip_corrupt)
+        _flag("data.skip_empty_classes", self.skip_empty_classes)
         _number("data.num_samples", self.num_samples, integer=True, ge=1)
         _number("data.num_classes", self.num_classes, integer=True, ge=1)
 

@@ -166,7 +166,8 @@ DDSampler = sampler_class("dd")
 
 class DDDraft(DraftSource):
     """Block-SJD drafts from the student: deterministic given the noise (q = None, one-hot), so verification
-    accepts each drafted token with probability p(token). Noise is drawn once per run from the draft stream.
+    accepts each drafted token with probability p(token). Noise is drawn once per run from the draft stream, at
+    the first proposal (so a run that never drafts, e.g. window_scales=1, leaves the stream as plain sampling).
     With refresh (default), when the committed prefix differs from the student's drafts the student is re-run
     at t = a (committed tokens as data, the same noise for the rest): one student forward per such pass."""
     name = "dd"
@@ -178,12 +179,15 @@ class DDDraft(DraftSource):
         super().start(target, batch, generator)
         check_student(self.student, target.var, target.vae, "the DD draft student")
         self.runner = StudentRunner(self.student, target.vae)
-        self.noise = draw_noise(self.student, batch, generator, target.labels_B.device)
-        empty = [None] * self.student.num_scales
-        self.drafts, _ = self.runner.step(target.labels_B, self.noise, empty, 0, target.stats, self.model_name)
-        self.based_on = 0  # the drafts were made with scales < based_on given as data
+        self.noise = None
 
     def propose(self, a, end, tokens, final):
+        t = self.target
+        if self.noise is None:
+            self.noise = draw_noise(self.student, self.batch, self.generator, t.labels_B.device)
+            empty = [None] * self.student.num_scales
+            self.drafts, _ = self.runner.step(t.labels_B, self.noise, empty, 0, t.stats, self.model_name)
+            self.based_on = 0  # the drafts were made with scales < based_on given as data
         committed = tokens[:a]
         stale = any(not torch.equal(committed[s], self.drafts[s]) for s in range(self.based_on, a))
         if self.refresh and stale and a < self.student.num_scales:
