@@ -1,72 +1,153 @@
 """Per-layer key/value cache that samplers own and drive one scale (or several) at a time.
 
-Each layer holds keys and values of shape (B, H, L_layer, head_dim). Layers may hold different
-lengths (cache compression keeps per-layer budgets); within a layer every head and row keeps the
-same number of entries, so tensors stay dense. `positions` records which sequence positions a
-layer's entries come from, so compression and rollback stay explicit and checkable.
+The cache is static: at a layer's first append it allocates keys and values for the whole sequence,
+(B, H, max_len, head_dim), plus (B, H, max_len) int64 positions, and later writes land in place. Every
+read returns the used prefix `[:, :, :len]` as a view. Fixed buffers give each scale's forward fixed
+shapes and fixed addresses, so it can be compiled and, on CUDA, replayed as a CUDA graph.
+
+Layers may hold different lengths (compression keeps per-layer budgets); within a layer every head and
+row keeps the same number of entries, so tensors stay dense. `positions` records which sequence
+positions a layer's entries come from, so compression and rollback stay explicit and checkable.
 """
 from __future__ import annotations
 
 import torch
 
 
+def _static(t: torch.Tensor) -> torch.Tensor:
+    # Unguarded: a new cache makes CUDA graphs re-record rather than recompile the graph.
+    torch._dynamo.mark_static_address(t)
+    return t
+
+
 class KVCache:
-    def __init__(self, num_layers: int, record_queries: bool = False):
-        self.keys: list[torch.Tensor | None] = [None] * num_layers
-        self.values: list[torch.Tensor | None] = [None] * num_layers
-        # (B, H, L_layer) int64 sequence positions of the cached entries (rows/heads may differ after compression)
-        self.positions: list[torch.Tensor | None] = [None] * num_layers
-        # The queries of the latest forward per layer, for score-based compression (e.g. ScaleKV).
+    """`max_len`: sequence positions a layer can hold (the model's seq_len, see `VAR.new_cache`).
+    `dtype`: storage dtype of keys/values (default: the dtype of the first keys; e.g. bf16 on CUDA).
+    `record_queries`: keep each layer's latest queries in `queries` (legacy; prefer the run_blocks observer).
+    """
+
+    def __init__(self, num_layers: int, max_len: int, *, dtype: torch.dtype | None = None,
+                 record_queries: bool = False):
+        if max_len < 1:
+            raise ValueError(f"max_len must be >= 1 (the model's sequence length), got {max_len}")
+        self.max_len, self.dtype = int(max_len), dtype
+        self._k: list[torch.Tensor | None] = [None] * num_layers  # (B, H, max_len, c) buffers
+        self._v: list[torch.Tensor | None] = [None] * num_layers
+        self._pos: list[torch.Tensor | None] = [None] * num_layers  # (B, H, max_len) int64
+        self._len = [0] * num_layers  # used entries per layer
         self.record_queries = record_queries
         self.queries: list[torch.Tensor | None] = [None] * num_layers
         self.seq_len = 0  # number of sequence positions fed so far (committed + just appended)
 
     @property
     def num_layers(self) -> int:
-        return len(self.keys)
+        return len(self._k)
 
-    def append(self, layer: int, k_BHlc: torch.Tensor, v_BHlc: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Add this forward's keys/values (sequence positions start..start+l) and return the full cache."""
-        B, H, l, _ = k_BHlc.shape
-        pos = torch.arange(start, start + l, device=k_BHlc.device).expand(B, H, l)
-        if self.keys[layer] is None:
-            self.keys[layer], self.values[layer], self.positions[layer] = k_BHlc, v_BHlc, pos
-        else:
-            self.keys[layer] = torch.cat((self.keys[layer], k_BHlc), dim=2)
-            self.values[layer] = torch.cat((self.values[layer], v_BHlc), dim=2)
-            self.positions[layer] = torch.cat((self.positions[layer], pos), dim=2)
-        return self.keys[layer], self.values[layer]
+    # ---- views of the used entries ----------------------------------------------------------------
+    def _used(self, bufs: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
+        return [None if b is None else b[:, :, :n] for b, n in zip(bufs, self._len)]
+
+    @property
+    def keys(self) -> list[torch.Tensor | None]:
+        """Per layer (B, H, len, c) views of the cached keys (None before the layer's first append)."""
+        return self._used(self._k)
+
+    @property
+    def values(self) -> list[torch.Tensor | None]:
+        return self._used(self._v)
+
+    @property
+    def positions(self) -> list[torch.Tensor | None]:
+        """Per layer (B, H, len) int64 sequence positions of the cached entries (rows/heads may differ after compression)."""
+        return self._used(self._pos)
 
     def layer_len(self, layer: int) -> int:
-        k = self.keys[layer]
-        return 0 if k is None else k.shape[2]
+        return self._len[layer]
+
+    # ---- allocation ------------------------------------------------------------------------------
+    def allocate(self, batch: int, num_heads: int, head_dim: int, dtype: torch.dtype, device) -> None:
+        """Create every layer's buffers now (idempotent). Compiled forwards call this before tracing so the
+        buffers are inputs with fixed addresses, never tensors born inside a graph."""
+        for layer in range(self.num_layers):
+            self._ensure(layer, batch, num_heads, head_dim, dtype, torch.device(device))
+
+    def _ensure(self, layer: int, B: int, H: int, c: int, dtype: torch.dtype, device: torch.device) -> None:
+        dtype = self.dtype or dtype
+        k = self._k[layer]
+        if k is not None and k.shape == (B, H, self.max_len, c) and k.device == device:
+            return
+        if k is not None and self._len[layer]:
+            raise ValueError(f"layer {layer} caches (B, H, c) = {tuple(k.shape[:2]) + (k.shape[3],)} but got keys of "
+                             f"{(B, H, c)}; use one cache per batch (or clear() it first)")
+        shape = (B, H, self.max_len, c)
+        self._k[layer] = _static(torch.zeros(shape, dtype=dtype, device=device))
+        self._v[layer] = _static(torch.zeros(shape, dtype=dtype, device=device))
+        self._pos[layer] = _static(torch.zeros(shape[:3], dtype=torch.int64, device=device))
+
+    # ---- the operations samplers use -----------------------------------------------------------------
+    def append(self, layer: int, k_BHlc: torch.Tensor, v_BHlc: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write this forward's keys/values (sequence positions start..start+l) after the layer's entries and
+        return views of all of them."""
+        B, H, l, c = k_BHlc.shape
+        self._ensure(layer, B, H, c, k_BHlc.dtype, k_BHlc.device)
+        n = self._len[layer]
+        if n + l > self.max_len:
+            raise ValueError(f"layer {layer} holds {n} entries and cannot take {l} more (max_len {self.max_len}); "
+                             f"truncate the cache or build it with the model's new_cache()")
+        self._k[layer][:, :, n:n + l].copy_(k_BHlc)
+        self._v[layer][:, :, n:n + l].copy_(v_BHlc)
+        self._pos[layer][:, :, n:n + l].copy_(torch.arange(start, start + l, device=k_BHlc.device))
+        self._len[layer] = n + l
+        return self._k[layer][:, :, :n + l], self._v[layer][:, :, :n + l]
 
     def truncate(self, seq_len: int) -> None:
         """Roll back: drop every entry whose sequence position is >= seq_len (e.g. rejected speculation)."""
         for layer in range(self.num_layers):
-            if self.keys[layer] is None:
+            n = self._len[layer]
+            if n == 0:
                 continue
-            keep = self.positions[layer][0, 0] < seq_len  # positions are sorted and equal across rows/heads
-            if not bool((self.positions[layer] < seq_len).eq(keep).all()):
+            drop_BHn = self._pos[layer][:, :, :n] >= seq_len
+            # positions are sorted per (row, head): the dropped entries are a suffix, shared by all rows/heads
+            n_keep = n - int(drop_BHn[0, 0].sum())
+            if not bool((drop_BHn == drop_BHn[:1, :1]).all()):
                 raise RuntimeError("cannot truncate a cache whose rows/heads hold different positions")
-            self.keys[layer] = self.keys[layer][:, :, keep]
-            self.values[layer] = self.values[layer][:, :, keep]
-            self.positions[layer] = self.positions[layer][:, :, keep]
+            self._len[layer] = n_keep
         self.seq_len = min(self.seq_len, seq_len)
 
     def select(self, layer: int, index_BHk: torch.Tensor) -> None:
-        """Keep, per row and head, the entries at `index_BHk` (indices into the layer's current cache)."""
-        idx = index_BHk.sort(dim=-1).values  # keep positional order
-        gather = idx.unsqueeze(-1).expand(-1, -1, -1, self.keys[layer].shape[-1])
-        self.keys[layer] = self.keys[layer].gather(2, gather)
-        self.values[layer] = self.values[layer].gather(2, gather)
-        self.positions[layer] = self.positions[layer].gather(2, idx)
+        """Keep, per row and head, the entries at `index_BHk` (indices into the layer's current entries),
+        compacted in place into the first k slots in positional order."""
+        n, c = self._len[layer], self._k[layer].shape[-1]
+        idx = index_BHk.sort(dim=-1).values
+        k_keep = idx.shape[-1]
+        if k_keep > n:
+            raise ValueError(f"cannot keep {k_keep} entries of layer {layer}, which holds {n}")
+        gather = idx.unsqueeze(-1).expand(-1, -1, -1, c)
+        # gather first (a copy), then write: the kept slots overlap the source slots
+        k_sel = self._k[layer][:, :, :n].gather(2, gather)
+        v_sel = self._v[layer][:, :, :n].gather(2, gather)
+        p_sel = self._pos[layer][:, :, :n].gather(2, idx)
+        self._k[layer][:, :, :k_keep].copy_(k_sel)
+        self._v[layer][:, :, :k_keep].copy_(v_sel)
+        self._pos[layer][:, :, :k_keep].copy_(p_sel)
+        self._len[layer] = k_keep
 
+    # ---- memory --------------------------------------------------------------------------------------
     def nbytes(self) -> int:
-        """Bytes held by key and value tensors (what a KV-memory figure should count)."""
-        return sum(t.numel() * t.element_size() for t in self.keys + self.values if t is not None)
+        """Bytes of the used key and value entries (what a KV-memory figure should count)."""
+        total = 0
+        for k, n in zip(self._k, self._len):
+            if k is not None:
+                B, H, _, c = k.shape
+                total += 2 * B * H * n * c * k.element_size()
+        return total
+
+    def allocated_bytes(self) -> int:
+        """Bytes of the preallocated key and value buffers (positions excluded), used or not."""
+        return sum(t.numel() * t.element_size() for t in self._k + self._v if t is not None)
 
     def clear(self) -> None:
-        n = self.num_layers
-        self.keys, self.values, self.positions, self.queries = [None] * n, [None] * n, [None] * n, [None] * n
+        """Forget every entry but keep the buffers (same addresses: compiled graphs and CUDA graphs replay)."""
+        self._len = [0] * self.num_layers
+        self.queries = [None] * self.num_layers
         self.seq_len = 0

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -9,6 +10,9 @@ from einops import rearrange
 from torch import nn
 
 from var.kv_cache import KVCache
+
+# observer(layer, q_BHlc, k_BHLc): the layer's queries and every key they attend to (see VAR.run_blocks)
+Observer = Callable[[int, torch.Tensor, torch.Tensor], None]
 
 
 class DropPath(nn.Module):
@@ -71,13 +75,22 @@ class SelfAttention(nn.Module):
             k = F.normalize(k, dim=-1)
         return q, k, v
 
+    def attention_logits(self, q_BHqc: torch.Tensor, k_BHLc: torch.Tensor) -> torch.Tensor:
+        """(B, H, q, L) float32 pre-softmax logits, exactly what the layer's SDPA computes before the mask:
+        q.k with this layer's scale (q, k as `qkv` returns them: normalised, head scale already in q)."""
+        return torch.einsum("bhqc,bhlc->bhql", q_BHqc.float(), k_BHLc.float()) * self.scale
+
     def forward(self, x_BLC: torch.Tensor, attn_bias: torch.Tensor | None, cache: KVCache | None = None,
-                layer: int = 0, start: int = 0) -> torch.Tensor:
+                layer: int = 0, start: int = 0, observer: Observer | None = None) -> torch.Tensor:
         q, k, v = self.qkv(x_BLC)
         if cache is not None:
             if cache.record_queries:
                 cache.queries[layer] = q
             k, v = cache.append(layer, k, v, start)
+            if k.dtype != q.dtype:  # a cache stored in another dtype (e.g. bf16 KV under fp32 compute)
+                k, v = k.to(q.dtype), v.to(q.dtype)
+        if observer is not None:
+            observer(layer, q, k)
         if attn_bias is not None:
             attn_bias = attn_bias.to(q.dtype)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, scale=self.scale,
@@ -115,10 +128,11 @@ class AdaLNBlock(nn.Module):
         return self.ada_lin(cond).view(-1, 1, 6, self.dim).unbind(2)
 
     def forward(self, x_BLC: torch.Tensor, cond: torch.Tensor, attn_bias: torch.Tensor | None,
-                cache: KVCache | None = None, layer: int = 0, start: int = 0) -> torch.Tensor:
+                cache: KVCache | None = None, layer: int = 0, start: int = 0,
+                observer: Observer | None = None) -> torch.Tensor:
         gamma1, gamma2, scale1, scale2, shift1, shift2 = self.modulation(cond)
         h = layer_norm(x_BLC, self.norm_eps).mul(scale1.add(1)).add_(shift1)
-        x_BLC = x_BLC + self.drop_path(self.attn(h, attn_bias, cache, layer, start).mul_(gamma1))
+        x_BLC = x_BLC + self.drop_path(self.attn(h, attn_bias, cache, layer, start, observer).mul_(gamma1))
         h = layer_norm(x_BLC, self.norm_eps).mul(scale2.add(1)).add_(shift2)
         return x_BLC + self.drop_path(self.ffn(h).mul(gamma2))
 

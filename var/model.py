@@ -16,7 +16,7 @@ from torch import nn
 
 from var.config import VARConfig
 from var.kv_cache import KVCache
-from var.layers import AdaLNBeforeHead, AdaLNBlock, SharedAdaLin
+from var.layers import AdaLNBeforeHead, AdaLNBlock, Observer, SharedAdaLin
 
 
 class VAR(nn.Module):
@@ -101,16 +101,22 @@ class VAR(nn.Module):
 
     # ---- transformer ------------------------------------------------------------------------------
     def run_blocks(self, x_BLC: torch.Tensor, cond_BD: torch.Tensor, cache: KVCache | None = None,
-                   scale_begin: int = 0) -> torch.Tensor:
+                   scale_begin: int = 0, observer: Observer | None = None) -> torch.Tensor:
         """Run all blocks on the tokens of consecutive scales starting at `scale_begin`.
 
         Without a cache the tokens must start at scale 0 and use the block-causal mask. With a cache,
         every cached entry is visible and the new tokens see each other block-causally; their keys and
         values are appended to the cache.
+
+        observer: called by every attention layer as `observer(layer, q_BHlc, k_BHLc)` with its queries
+        (normalised, head scale applied) and every key they attend to (cache included, after the append);
+        `self.blocks[layer].attn.attention_logits(q, k)` gives the layer's pre-softmax logits. This is the
+        one place compression policies get attention scores from; None changes nothing.
         """
         begin = self.begin_ends[scale_begin][0]
         end = begin + x_BLC.shape[1]
-        if end not in {e for _, e in self.begin_ends}:
+        ends = [e for _, e in self.begin_ends]
+        if end not in ends:
             raise ValueError(f"{x_BLC.shape[1]} tokens from scale {scale_begin} do not end on a scale boundary of {self.patch_nums}")
         if cache is None and begin != 0:
             raise ValueError("without a KV cache the tokens must start at scale 0 (nothing else holds the history)")
@@ -118,7 +124,7 @@ class VAR(nn.Module):
             raise ValueError(f"the cache holds {cache.seq_len} positions but the tokens start at position {begin}; "
                              f"feed scales in order or truncate the cache first")
         new_mask = self.attn_bias_for_masking[:, :, begin:end, begin:end]
-        single_scale = self.lvl_1L[0, begin] == self.lvl_1L[0, end - 1]
+        single_scale = ends.index(end) == scale_begin  # Python, not a tensor test: no graph break when compiled
         cond = self.shared_ada_lin(cond_BD)
         device_type = x_BLC.device.type
         if torch.is_autocast_enabled(device_type):  # the residual stream runs in the autocast dtype
@@ -132,7 +138,7 @@ class VAR(nn.Module):
             else:
                 visible_history = new_mask.new_zeros(1, 1, end - begin, cache.layer_len(i))
                 bias = torch.cat((visible_history, new_mask), dim=-1)
-            x_BLC = block(x_BLC, cond, bias, cache, i, begin)
+            x_BLC = block(x_BLC, cond, bias, cache, i, begin, observer)
         if cache is not None:
             cache.seq_len = end
         return x_BLC
@@ -140,8 +146,9 @@ class VAR(nn.Module):
     def logits(self, h_BLC: torch.Tensor, cond_BD: torch.Tensor) -> torch.Tensor:
         return self.head(self.head_nm(h_BLC.float(), cond_BD).float()).float()
 
-    def new_cache(self, record_queries: bool = False) -> KVCache:
-        return KVCache(self.depth, record_queries)
+    def new_cache(self, record_queries: bool = False, dtype: torch.dtype | None = None) -> KVCache:
+        """A static cache for the whole sequence; dtype: KV storage dtype (default: the keys' dtype)."""
+        return KVCache(self.depth, self.seq_len, dtype=dtype, record_queries=record_queries)
 
     def forward(self, labels_B: torch.Tensor, x_tf_BlCv: torch.Tensor) -> torch.Tensor:
         """Teacher-forced logits (B, L, V). In training mode labels are dropped to the null class with
