@@ -165,8 +165,10 @@ def candidate_law(guided_NV: torch.Tensor, top_k: int, top_p: float, temperature
             tied_N |= (n_keep_N < K) & (last_kept == first_dropped)
         vals_NK = vals_NK.masked_fill(drop_NK, float("-inf"))
     probs_NK = apply_temperature(vals_NK, temperature).softmax(dim=-1)
-    fallback_F = tied_N.nonzero().squeeze(-1)  # one host sync: the rare fallback rows need the whole vocab
     fallback_probs_FV = None
+    if K == V and top_p == 0:  # no cut, hence no tie across one: skip the host sync below
+        return CandidateLaw(probs_NK, idx_NK, torch.empty(0, dtype=torch.long, device=guided_NV.device), None, V)
+    fallback_F = tied_N.nonzero().squeeze(-1)  # one host sync: the rare fallback rows need the whole vocab
     if fallback_F.numel():
         filtered_FV = top_k_top_p_filter_(guided_NV[fallback_F].clone(), top_k, top_p)
         fallback_probs_FV = apply_temperature(filtered_FV, temperature).softmax(dim=-1)
