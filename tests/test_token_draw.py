@@ -51,10 +51,12 @@ def gens(seeds):
 def test_reference_mode_is_bitwise_the_old_composition(top_k, top_p, temperature):
     x = torch.randn(3, 7, 1000, generator=torch.Generator().manual_seed(5)) * 3
     for make in (lambda: torch.Generator().manual_seed(11), lambda: gens([11, 12, 13])):
-        expected = old_composition(x.clone(), top_k, top_p, temperature, make())
-        got = draw_tokens(x.clone(), top_k, top_p, temperature, make(), rng="reference")
+        old_input, new_input = x.clone(), x.clone()
+        expected = old_composition(old_input, top_k, top_p, temperature, make())
+        got = draw_tokens(new_input, top_k, top_p, temperature, make(), rng="reference")
         assert got.dtype == torch.int64 and got.shape == (3, 7)
         assert torch.equal(got, expected)
+        assert torch.equal(new_input, old_input)  # filtered in place, as today
 
 
 LAW_CASES = [  # (top_k, top_p, temperature)
