@@ -17,8 +17,8 @@ lambda_steps). `--set table.key=value` overrides any value (TOML syntax; bare st
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
+import sys
 import tomllib
 
 import torch
@@ -27,6 +27,7 @@ from samplers import DefaultSampler
 from tokenizers.config import VQVAEConfig
 from var.config import VARConfig, from_dict, load_toml, var_config
 from training.config import DataConfig, OptimConfig, RunConfig, TokenizerLossConfig, TrainConfig
+from training.errors import make_parser, run_cli
 
 TABLES = {"data": DataConfig, "optim": OptimConfig, "train": RunConfig, "loss": TokenizerLossConfig}
 
@@ -82,7 +83,7 @@ def default_sample_images(model, vae, labels, cfg: float):
 
 
 def main(argv: list[str] | None = None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = make_parser(description=__doc__)
     parser.add_argument("job", choices=["tokenizer", "var", "dd", "code_drafter", "code_refiner"],
                         help="what to train (code_*: CoDe fine-tuning of a drafter / distillation of a refiner)")
     parser.add_argument("--config", required=True, help="TOML file (see configs/)")
@@ -135,4 +136,4 @@ def main(argv: list[str] | None = None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

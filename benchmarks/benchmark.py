@@ -32,6 +32,7 @@ from tqdm import tqdm
 from benchmarks.plotting import bar_chart
 from samplers import build_sampler, sampler_class
 from samplers.cli import SHIPPED, load_models, models_for, parse_sampler_args, parse_sampler_spec
+from samplers.seeding import image_seed
 from training.atomic import atomic_write_json, atomic_write_text
 
 
@@ -109,7 +110,7 @@ class ProxyQuality:
         arrays = []
         for start in range(0, self.count, self.batch):
             idx = list(range(start, min(start + self.batch, self.count)))
-            out = sampler.sample(labels[idx], seed=[self.seed * 2**32 + 10**6 + i for i in idx], **sample_kwargs)
+            out = sampler.sample(labels[idx], seed=[image_seed(self.seed, 10**6 + i) for i in idx], **sample_kwargs)
             arrays.append(out.images.mul(255).add_(0.5).clamp_(0, 255).byte().permute(0, 2, 3, 1).cpu().numpy())
         source = ArraySource(np.concatenate(arrays), "benchmark samples", labels.cpu().numpy())
         with warnings.catch_warnings():
@@ -172,7 +173,7 @@ def run(args) -> dict:
     results["meta"]["matmul_peak_flops"] = matmul_peak_flops(device, peak_dtype, args.peak_matmul_size)
     for batch in batch_sizes:
         labels = torch.arange(batch, device=device) % var.num_classes
-        seeds = [args.seed * 2**32 + i for i in range(batch)]
+        seeds = [image_seed(args.seed, i) for i in range(batch)]
         baseline = None
         for spec in tqdm(specs, desc=f"batch {batch}"):
             name, items = parse_sampler_spec(spec)
@@ -277,7 +278,9 @@ def write_outputs(results: dict, out: Path) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from training.errors import make_parser
+
+    p = make_parser(description=__doc__)
     p.add_argument("--vae", default=str(SHIPPED / "tokenizer.safetensors"))
     p.add_argument("--var", default=str(SHIPPED / "var_drafter.safetensors"))
     p.add_argument("--model", action="append", default=[], metavar="NAME=PATH",
@@ -322,4 +325,8 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    from training.errors import run_cli
+
+    sys.exit(run_cli(main))

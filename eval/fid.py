@@ -145,7 +145,12 @@ def format_metrics(report: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.inception and not args.proxy_classifier:
+        parser.error("nothing to compute: pass --inception PATH (with --ref) and/or --proxy-classifier PATH")
+    if args.inception and not args.ref:
+        parser.error("--inception needs --ref (reference statistics or an ADM reference batch)")
     try:
         report = run(args)
     except FIDModeError as err:

@@ -113,7 +113,9 @@ def named_paths(items: list[str], what: str) -> dict[str, str]:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from training.errors import make_parser
+
+    parser = make_parser(description=__doc__)
     parser.add_argument("--tokenizer", required=True)
     parser.add_argument("--var", action="append", default=[], metavar="NAME=PATH")
     parser.add_argument("--log", action="append", default=[], metavar="NAME=PATH", help="training JSONL per model")
@@ -166,4 +168,8 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    from training.errors import run_cli
+
+    sys.exit(run_cli(main))

@@ -51,7 +51,9 @@ def accuracy(model: ProxyClassifier, img_N3HW: torch.Tensor, labels_N: torch.Ten
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from training.errors import make_parser
+
+    ap = make_parser(description=__doc__)
     ap.add_argument("--data", required=True, help="folder with the Fashion-MNIST idx files")
     ap.add_argument("--out", default="eval/weights/fmnist_classifier.safetensors")
     ap.add_argument("--image-size", type=int, default=32, help="the tokenizer's resolution (32 for the shipped models)")
@@ -117,4 +119,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from training.errors import run_cli
+
+    sys.exit(run_cli(main))

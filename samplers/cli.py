@@ -1,11 +1,17 @@
-"""Command-line plumbing shared by sample.py and the benchmark: typed sampler options and model loading."""
+"""Command-line plumbing shared by sample.py and the benchmark: typed sampler options, model loading and the
+settings fingerprint that keeps a resumed output folder from mixing runs."""
 from __future__ import annotations
 
+import dataclasses
+import json
+import tomllib
 from pathlib import Path
 
 import torch
 
+from training.atomic import atomic_write_json
 from training.checkpoint import checkpoint_kind, load_any
+from var.config import VARConfig
 
 SHIPPED = Path(__file__).resolve().parents[1] / "checkpoints" / "fmnist"
 
@@ -51,28 +57,141 @@ def models_for(cls, extras: dict) -> dict:
     return {k: extras[k] for k in accepted if k in extras}
 
 
+def parse_model_specs(items: list[str]) -> dict[str, str]:
+    """`--model NAME=PATH` items -> {name: path}, each file checked to exist (nothing is loaded)."""
+    out = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--model expects NAME=PATH (e.g. refiner=checkpoints/fmnist/var_refiner.safetensors), got {item!r}")
+        if name in out:
+            raise ValueError(f"--model {name}= is given twice; give each extra model once")
+        check_file(path, f"--model {name}")
+        out[name] = path
+    return out
+
+
+def parse_var_overrides(items: list[str]) -> dict:
+    """`--var-override KEY=VALUE` items -> {key: value} for VARConfig fields (values in TOML syntax; bare
+    strings need no quotes)."""
+    fields = {f.name for f in dataclasses.fields(VARConfig)}
+    out = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key or not raw:
+            raise ValueError(f"--var-override expects KEY=VALUE (e.g. num_heads=16), got {item!r}")
+        if key not in fields:
+            raise ValueError(f"--var-override {key}: not a VAR config field; valid: {', '.join(sorted(fields))}")
+        try:
+            out[key] = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            out[key] = raw
+    return out
+
+
 def check_file(path: str, what: str) -> None:
     if not Path(path).is_file():
         hint = (" The shipped Fashion-MNIST models live in checkpoints/fmnist/ (see README, 'Training')."
-                if str(path).startswith(str(SHIPPED)) else "")
+                if str(path).startswith(str(SHIPPED)) else " Check the path.")
         raise FileNotFoundError(f"{what} checkpoint {path} does not exist.{hint}")
 
 
-def load_models(var_path: str, vae_path: str, extra_models: list[str], device: torch.device):
-    """VAR first: an official tokenizer file is resolution-agnostic and takes the VAR's scale list."""
+def load_models(var_path: str, vae_path: str, extra_models: list[str] | dict[str, str], device: torch.device,
+                var_overrides: dict | None = None):
+    """VAR first: an official tokenizer file is resolution-agnostic and takes the VAR's scale list.
+    `var_overrides` (VARConfig fields) complete the config of an official VAR file where its tensors do not
+    determine it (e.g. the head count)."""
     check_file(var_path, "VAR")
     check_file(vae_path, "tokenizer")
-    var = load_any(var_path, "var", device=device)
+    extras_paths = extra_models if isinstance(extra_models, dict) else parse_model_specs(extra_models)
+    # the keyword only travels when used, so loaders without it keep working for everyone else
+    var = load_any(var_path, "var", device=device, **({"overrides": dict(var_overrides)} if var_overrides else {}))
     vae = load_any(vae_path, "vqvae", device=device, patch_nums=var.patch_nums)
     extras = {}
-    for item in extra_models:
-        if "=" not in item:
-            raise ValueError(f"--model expects NAME=PATH, got {item!r}")
-        name, path = item.split("=", 1)
-        check_file(path, name)
+    for name, path in extras_paths.items():
         # a distilled-decoding student is its own kind; anything else must be a VAR
         kind = "dd_student" if checkpoint_kind(path) == "dd_student" else "var"
         extras[name] = load_any(path, kind, device=device)
     return var, vae, extras
 
 
+# ---- resumable output folders ------------------------------------------------------------------------------
+FINGERPRINT = "fingerprint.json"
+# what a run writes into its folder: the only files --overwrite deletes (anything else there is the user's)
+OUTPUT_FILES = ("samples.npz", "grid.png", "sample_config.json", "stats.jsonl", "eval_card.json", "eval_card.md",
+                "metrics.json", FINGERPRINT)
+FLAG_OF = {"models.var": "--var", "models.vae": "--vae", "var_overrides": "--var-override",
+           "sampler_args": "--sampler-arg", "sampler_arg_files": "--sampler-arg (file content)",
+           "classes": "--classes", "edit_image": "--edit-image (file content)", "edit_mask": "--edit-mask (file content)",
+           "device": "the device (CPU or CUDA)", "seeding": "the seeding scheme (another sample.py version)",
+           "decode_chunk": "the decoding chunk (another sample.py version)", "format": "the fingerprint format"}
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and k == "models":
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _flag(key: str) -> str:
+    if key in FLAG_OF:
+        return FLAG_OF[key]
+    if key.startswith("models."):
+        return f"--model {key.removeprefix('models.')}"
+    return "--" + key.replace("_", "-")
+
+
+def _short(value) -> str:
+    text = json.dumps(value, sort_keys=True)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def fingerprint_differences(stored: dict, current: dict) -> list[str]:
+    a, b = _flatten(stored), _flatten(current)
+    return [f"{_flag(k)} ({_short(a.get(k))} then, {_short(b.get(k))} now)" for k in sorted(set(a) | set(b))
+            if a.get(k) != b.get(k)]
+
+
+def previous_images(out: Path) -> list[Path]:
+    return sorted((out / "images").glob("[0-9]*.png")) if (out / "images").is_dir() else []
+
+
+def check_resume(out: Path, fingerprint: dict, overwrite: bool) -> None:
+    """Refuse to add images to a folder made with other settings (one error naming them); reads only."""
+    if overwrite or not out.exists():
+        return
+    path = out / FINGERPRINT
+    if path.is_file():
+        try:
+            stored = json.loads(path.read_text())
+        except (OSError, ValueError) as err:
+            raise ValueError(f"{path} is unreadable ({err}); add --overwrite to start the folder again") from err
+        diffs = fingerprint_differences(stored, json.loads(json.dumps(fingerprint)))
+        if diffs:
+            raise ValueError(f"--out {out} holds images made with other settings: {'; '.join(diffs)}. Rerun with the "
+                             "same settings to resume, pick another --out, or add --overwrite to delete its outputs")
+    elif previous_images(out):
+        raise ValueError(f"--out {out} holds images without a {FINGERPRINT} (another sample.py version or run), so "
+                         "they cannot be resumed safely; pick another --out or add --overwrite to delete them")
+
+
+def clear_outputs(out: Path) -> int:
+    """--overwrite: delete what earlier runs wrote (images, npz, grid, records, atomic-write leftovers), nothing
+    else, so pointing --out at a folder with other files in it loses none of them. Returns the files removed."""
+    doomed = previous_images(out) + [out / name for name in OUTPUT_FILES] + sorted(out.glob("stats.rank*.jsonl"))
+    if (out / "images").is_dir():
+        doomed += sorted((out / "images").glob(".[0-9]*.png.*.tmp"))
+    removed = 0
+    for path in doomed:
+        if path.is_file():
+            path.unlink()
+            removed += 1
+    return removed
+
+
+def write_fingerprint(out: Path, fingerprint: dict) -> None:
+    atomic_write_json(out / FINGERPRINT, fingerprint)

@@ -1,6 +1,9 @@
-"""sample.py: images independent of batch size and process count, resumable, ADM npz, clear errors."""
+"""sample.py through its command line: seeds, batch-size and process-count invariance (bitwise PNGs),
+resuming only with the same settings, --overwrite, and options checked before anything is written."""
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import json
 import os
 import subprocess
@@ -9,117 +12,213 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
-import sample
-from conftest import make_tiny_pair
-from training.checkpoint import save_model
+from samplers.seeding import image_seed
 
 REPO = Path(__file__).resolve().parents[1]
+SHIPPED = REPO / "checkpoints" / "fmnist"
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": ""}
 
 
-@pytest.fixture(scope="module")
-def ckpts(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ckpt")
-    var, vae = make_tiny_pair(seed=7)
-    save_model(root / "var.safetensors", var, extra={"classes": [f"c{i}" for i in range(var.num_classes)]})
-    save_model(root / "vae.safetensors", vae)
-    return root
+def sample(out: Path, *extra: str, check: bool = True) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "sample.py", "--out", str(out), "--num-threads", "1", "--grid-max", "0", *extra]
+    proc = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+    if check:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
 
 
-def _args(ckpts: Path, out: Path, *extra: str) -> list[str]:
-    return ["--vae", str(ckpts / "vae.safetensors"), "--var", str(ckpts / "var.safetensors"), "--classes", "0,2,4",
-            "--per-class", "3", "--top-k", "10", "--cfg", "1.5", "--seed", "3", "--out", str(out), *extra]
-
-
-def _pngs(out: Path) -> dict[str, bytes]:
+def pngs(out: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted((out / "images").glob("*.png"))}
 
 
-def test_batch_size_does_not_change_images_and_outputs_are_complete(ckpts, tmp_path):
-    sample.main(_args(ckpts, tmp_path / "b1", "--batch-size", "1"))
-    sample.main(_args(ckpts, tmp_path / "b7", "--batch-size", "7"))
-    a, b = _pngs(tmp_path / "b1"), _pngs(tmp_path / "b7")
-    assert list(a) == [f"{i:06d}.png" for i in range(9)] and a == b
-    npz = np.load(tmp_path / "b7" / "samples.npz")
-    assert npz["arr_0"].dtype == np.uint8 and npz["arr_0"].shape == (9, 8, 8, 3)
-    assert npz["arr_1"].tolist() == [0, 0, 0, 2, 2, 2, 4, 4, 4]  # ADM convention: arr_1 = labels
-    record = json.loads((tmp_path / "b7" / "sample_config.json").read_text())
-    assert record["settings"]["cfg"] == 1.5 and record["num_images"] == 9 and record["software"]["torch"]
-    assert (tmp_path / "b7" / "grid.png").is_file()
-    stats = [json.loads(line) for line in (tmp_path / "b7" / "stats.jsonl").read_text().splitlines()]
-    assert [s["batch"] for s in stats] == [7, 2] and all(s["forwards"]["var"] == 4 for s in stats)
-    assert len({v for v in npz["arr_0"].reshape(9, -1).sum(1)}) > 1, "different seeds give different images"
+def error_line(proc: subprocess.CompletedProcess) -> str:
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    return lines[0]
 
 
-def test_interrupted_run_resumes_without_duplicates_or_gaps(ckpts, tmp_path):
-    full = tmp_path / "full"
-    sample.main(_args(ckpts, full, "--batch-size", "4"))
-    part = tmp_path / "part"
-    sample.main(_args(ckpts, part, "--batch-size", "4"))
-    for name in ("000002.png", "000005.png", "000008.png"):
-        (part / "images" / name).unlink()  # as if the run had stopped before writing them
-    (part / "samples.npz").unlink()
-    before = {p: os.stat(p).st_mtime_ns for p in (part / "images").glob("*.png")}
-    sample.main(_args(ckpts, part, "--batch-size", "4"))
-    assert _pngs(part) == _pngs(full)
-    assert all(os.stat(p).st_mtime_ns == t for p, t in before.items()), "existing images must not be redone"
-    assert np.array_equal(np.load(part / "samples.npz")["arr_0"], np.load(full / "samples.npz")["arr_0"])
+# ---- seeds --------------------------------------------------------------------------------------------
+def test_image_seeds_fit_every_generator_and_never_share_a_cpu_stream_within_a_run():
+    n = 200_000
+    for base in (0, 1, 2**32, -1):
+        seeds = [image_seed(base, i) for i in range(n)]
+        assert all(0 <= s < 2**63 for s in seeds)
+        assert len({s & 0xFFFFFFFF for s in seeds}) == n  # what the CPU generator keeps: a bijection of i
+    # base seeds that differ by multiples of 2**32 (all identical under the old seed * 2**32 + i) now differ
+    low = [{image_seed(base, i) & 0xFFFFFFFF for i in range(5000)} for base in (0, 1, 2, 2**32)]
+    assert all(len(a & b) <= 1 for j, a in enumerate(low) for b in low[j + 1:])
+    draws = [torch.randn(4, generator=torch.Generator().manual_seed(image_seed(b, 0))) for b in (0, 1, 0)]
+    assert torch.equal(draws[0], draws[2]) and not torch.equal(draws[0], draws[1])
 
 
-def test_two_processes_through_accelerate_give_the_same_images(ckpts, tmp_path):
-    sample.main(_args(ckpts, tmp_path / "one", "--batch-size", "2"))
+def test_base_seed_changes_every_image_and_repeats_bitwise(tmp_path):
+    args = ("--classes", "0,7", "--per-class", "2", "--batch-size", "4")
+    sample(tmp_path / "s0", *args, "--seed", "0")
+    sample(tmp_path / "s0b", *args, "--seed", "0")
+    sample(tmp_path / "s1", *args, "--seed", "1")
+    a, again, b = pngs(tmp_path / "s0"), pngs(tmp_path / "s0b"), pngs(tmp_path / "s1")
+    assert len(a) == 4 and a == again
+    assert all(a[name] != b[name] for name in a), "a new --seed must change every image"
+
+
+# ---- batch-size / process-count invariance --------------------------------------------------------------
+def _invariance(tmp_path: Path, per_class: int, batch_sizes: tuple[int, ...]) -> int:
+    runs = {}
+    for bs in batch_sizes:
+        sample(tmp_path / f"b{bs}", "--per-class", str(per_class), "--top-k", "50", "--seed", "5",
+               "--batch-size", str(bs), "--no-npz")
+        runs[bs] = pngs(tmp_path / f"b{bs}")
+    first = runs[batch_sizes[0]]
+    assert len(first) == 10 * per_class
+    for bs, images in runs.items():
+        differing = [n for n in first if images.get(n) != first[n]]
+        assert not differing, f"--batch-size {bs}: {len(differing)} PNGs differ from --batch-size {batch_sizes[0]}"
+    return len(first)
+
+
+def test_batch_size_never_changes_a_png(tmp_path):
+    assert _invariance(tmp_path, per_class=3, batch_sizes=(1, 7, 16)) == 30
+
+
+@pytest.mark.slow  # 3 x 210 images: ~1 min on a busy core
+def test_batch_size_never_changes_a_png_over_210_images(tmp_path):
+    assert _invariance(tmp_path, per_class=21, batch_sizes=(1, 7, 16)) == 210
+
+
+def test_two_processes_through_accelerate_give_the_same_images(tmp_path):
+    args = ["--classes", "1,2,3", "--per-class", "2", "--batch-size", "2", "--num-threads", "1", "--grid-max", "0"]
+    sample(tmp_path / "one", *args)
     # `accelerate launch --cpu` runs ONE process; --multi_gpu with the GPUs hidden starts two workers whose
     # Accelerator(cpu=True) forms a gloo group (MULTI_CPU).
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29533",
-           str(REPO / "sample.py"), *_args(ckpts, tmp_path / "two", "--batch-size", "2")]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": ""}
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+           "sample.py", "--out", str(tmp_path / "two"), *args]
+    proc = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert _pngs(tmp_path / "two") == _pngs(tmp_path / "one")
+    assert pngs(tmp_path / "two") == pngs(tmp_path / "one")
     assert sorted(p.name for p in (tmp_path / "two").glob("stats.rank*.jsonl")) == ["stats.rank0.jsonl", "stats.rank1.jsonl"]
+    fingerprint = json.loads((tmp_path / "two" / "fingerprint.json").read_text())
+    assert fingerprint == json.loads((tmp_path / "one" / "fingerprint.json").read_text())
 
 
-def test_bad_arguments(ckpts, tmp_path):
-    with pytest.raises(FileNotFoundError, match="VAR checkpoint .* does not exist"):
-        sample.main(["--var", str(tmp_path / "missing.safetensors"), "--vae", str(ckpts / "vae.safetensors")])
-    with pytest.raises(ValueError, match=r"outside \[0, 4\]"):
-        sample.main(_args(ckpts, tmp_path / "x", "--classes", "0,9"))  # the last --classes wins
-    with pytest.raises(KeyError, match="unknown sampler"):
-        sample.main(_args(ckpts, tmp_path / "x", "--sampler", "nope"))
-    with pytest.raises(ValueError, match="has no option 'window'"):
-        sample.main(_args(ckpts, tmp_path / "x", "--sampler-arg", "window=3"))
-    with pytest.raises(ValueError, match="1 or 4"):
-        sample.main(_args(ckpts, tmp_path / "x", "--temperature", "1,1"))
-    with pytest.raises(ValueError, match="cfg must be"):
-        sample.main(_args(ckpts, tmp_path / "x", "--cfg", "-1"))
+# ---- outputs, resuming, fingerprint -------------------------------------------------------------------------
+ARGS = ("--classes", "0,2,4", "--per-class", "3", "--top-k", "10", "--cfg", "1.5", "--seed", "3")
 
 
-def test_list_samplers(capsys):
-    sample.main(["--list-samplers"])
-    assert "default" in capsys.readouterr().out
+def test_outputs_are_complete_and_an_interrupted_run_resumes_without_duplicates(tmp_path):
+    full, part = tmp_path / "full", tmp_path / "part"
+    sample(full, *ARGS, "--batch-size", "7")
+    npz = np.load(full / "samples.npz")
+    assert npz["arr_0"].dtype == np.uint8 and npz["arr_0"].shape == (9, 32, 32, 3)
+    assert npz["arr_1"].tolist() == [0, 0, 0, 2, 2, 2, 4, 4, 4]  # ADM convention: arr_1 = labels
+    record = json.loads((full / "sample_config.json").read_text())
+    assert record["settings"]["cfg"] == 1.5 and record["num_images"] == 9 and record["software"]["torch"]
+    stats = [json.loads(line) for line in (full / "stats.jsonl").read_text().splitlines()]
+    assert [s["batch"] for s in stats] == [7, 2]
+    sample(part, *ARGS, "--batch-size", "4")
+    for name in ("000002.png", "000005.png", "000008.png"):
+        (part / "images" / name).unlink()  # as if the run had stopped before writing them
+    (part / "samples.npz").unlink()
+    before = {p: os.stat(p).st_mtime_ns for p in (part / "images").glob("*.png")}
+    sample(part, *ARGS, "--batch-size", "2")  # the batch size is not part of the fingerprint
+    assert pngs(part) == pngs(full)
+    assert all(os.stat(p).st_mtime_ns == t for p, t in before.items()), "existing images must not be redone"
+    assert np.array_equal(np.load(part / "samples.npz")["arr_0"], npz["arr_0"])
 
 
-def test_sample_and_evaluate_in_one_command(ckpts, tmp_path):
-    from pathlib import Path
+def test_other_settings_are_refused_until_overwrite(tmp_path):
+    out = tmp_path / "run"
+    sample(out, *ARGS, "--batch-size", "9")
+    (out / "notes.txt").write_text("the user's own file")
+    before = {p: os.stat(p).st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    line = error_line(sample(out, *ARGS, "--cfg", "2", "--seed", "4", check=False))
+    assert "--cfg (1.5 then, 2.0 now)" in line and "--seed (3 then, 4 now)" in line and "--overwrite" in line
+    assert {p: os.stat(p).st_mtime_ns for p in out.rglob("*") if p.is_file()} == before, "a refusal writes nothing"
+    sample(out, *ARGS, "--cfg", "2", "--seed", "4", "--overwrite", "--per-class", "1")
+    fresh = tmp_path / "fresh"
+    sample(fresh, *ARGS, "--cfg", "2", "--seed", "4", "--per-class", "1")
+    assert pngs(out) == pngs(fresh) and len(pngs(out)) == 3, "--overwrite leaves no image of the earlier run"
+    assert (out / "notes.txt").read_text() == "the user's own file"
+    # a folder of PNGs without a fingerprint (older sample.py) is never resumed
+    legacy = tmp_path / "legacy"
+    (legacy / "images").mkdir(parents=True)
+    (legacy / "images" / "000000.png").write_bytes(b"")
+    assert "fingerprint" in error_line(sample(legacy, *ARGS, check=False))
+
+
+def test_model_file_content_is_part_of_the_fingerprint(tmp_path):
+    var = tmp_path / "var.safetensors"
+    var.write_bytes((SHIPPED / "var_drafter.safetensors").read_bytes())
+    out = tmp_path / "run"
+    sample(out, "--classes", "1", "--per-class", "1", "--var", str(var))
+    var.write_bytes((SHIPPED / "var_refiner.safetensors").read_bytes())  # same path, other weights
+    assert "--var (" in error_line(sample(out, "--classes", "1", "--per-class", "1", "--var", str(var), check=False))
+
+
+# ---- arguments checked before anything is written --------------------------------------------------------------
+@pytest.mark.parametrize("extra, expected", [
+    (("--classes", "a"), "argument --classes: expected comma-separated class ids"),
+    (("--per-clas", "2"), "unrecognized arguments: --per-clas"),
+    (("--sampler-arg", "window=3"), "has no option"),
+    (("--sampler-arg", "draft_scales"), "--sampler-arg expects NAME=VALUE"),
+    (("--sampler", "nope"), "unknown sampler 'nope'"),
+    (("--sampler", "code"), "needs --model refiner=PATH"),
+    (("--model", "refiner=/no/such.safetensors"), "/no/such.safetensors does not exist"),
+    (("--classes", "0,10"), "--classes [10] outside [0, 9]"),
+    (("--temperature", "1,1"), "--temperature needs 1 or 6"),
+    (("--cfg", "-1"), "argument --cfg: expected a number >= 0"),
+    (("--top-p", "2"), "argument --top-p: expected a number in [0, 1]"),
+    (("--precision", "bf16"), "--precision bf16 needs a CUDA GPU"),
+    (("--compile", "fast"), "argument --compile: invalid choice"),
+    (("--var-override", "heads=16"), "--var-override heads: not a VAR config field"),
+    (("--eval-card",), "--eval-card needs"),
+])
+def test_bad_arguments_fail_with_one_line_before_writing(tmp_path, extra, expected):
+    out = tmp_path / "never"
+    line = error_line(sample(out, *extra, check=False))
+    assert expected in line, line
+    assert not out.exists(), "a refused command must not create its output folder"
+
+
+def test_list_samplers():
+    proc = subprocess.run([sys.executable, "sample.py", "--list-samplers"], cwd=REPO, env=ENV, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0 and "default" in proc.stdout and "code" in proc.stdout
+
+
+def test_var_override_reaches_the_official_loader(tmp_path):
+    """A bare state dict without attn_l2_norm gives no head count (the loader guesses C // 64 = 1): with
+    --var-override num_heads=4 it samples exactly the images of the same weights in our format."""
+    from training.checkpoint import load_any
+
+    if "overrides" not in inspect.signature(load_any).parameters:
+        pytest.skip("training.checkpoint.load_any has no overrides= keyword yet")
+    from conftest import make_tiny_pair, perturb_
+    from training.checkpoint import save_model
+    from var import VAR
+
+    tiny, vae = make_tiny_pair(seed=3)
+    var = perturb_(VAR(dataclasses.replace(tiny.config, attn_l2_norm=False)), seed=4).eval()
+    save_model(tmp_path / "var.safetensors", var)
+    save_model(tmp_path / "vae.safetensors", vae)
+    torch.save(var.state_dict(), tmp_path / "var.pth")
+    base = ("--vae", str(tmp_path / "vae.safetensors"), "--classes", "0,1", "--per-class", "2")
+    sample(tmp_path / "ours", *base, "--var", str(tmp_path / "var.safetensors"))
+    sample(tmp_path / "pth", *base, "--var", str(tmp_path / "var.pth"), "--var-override", "num_heads=4")
+    assert pngs(tmp_path / "pth") == pngs(tmp_path / "ours")
+
+
+def test_sample_and_evaluate_in_one_command(tmp_path):
     data = Path("/usr/share/datasets/fashion-mnist")
     if not (data / "t10k-images-idx3-ubyte.gz").exists():
         pytest.skip("the proxy's real test set needs `apt-get install dataset-fashion-mnist` (.ci/run installs it)")
     out = tmp_path / "card"
-    sample.main(_args(ckpts, out, "--eval-card", "--proxy-classifier",
-                      str(REPO / "eval" / "weights" / "fmnist_classifier.safetensors")))
+    sample(out, *ARGS, "--eval-card", "--proxy-classifier", str(REPO / "eval" / "weights" / "fmnist_classifier.safetensors"))
     card = json.loads((out / "eval_card.json").read_text())
     metrics = card["evaluation"]["proxy"]["metrics"]
     assert card["num_samples"] == 9 and card["sampling"]["settings"]["cfg"] == 1.5
     assert 0.0 <= metrics["proxy_accuracy"] <= 1.0 and metrics["proxy_fd"] > 0
     assert "proxy FD" in (out / "eval_card.md").read_text()
-    with pytest.raises(ValueError, match="--eval-card needs"):
-        sample.main(_args(ckpts, tmp_path / "nocard", "--eval-card"))
-
-
-def test_extra_models_are_checked(ckpts, tmp_path):
-    extra = ["--model", f"refiner={ckpts / 'var.safetensors'}"]
-    with pytest.raises(ValueError, match="sampler 'default' does not use --model refiner"):
-        sample.main(_args(ckpts, tmp_path / "x", *extra))
-    with pytest.raises(ValueError, match="sampler 'code' needs --model refiner=PATH"):
-        sample.main(_args(ckpts, tmp_path / "x", "--sampler", "code"))

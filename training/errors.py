@@ -39,11 +39,13 @@ def make_parser(description: str | None = None, **kwargs) -> CLIParser:
     return parser
 
 
-def user_error_types() -> tuple[type[BaseException], ...]:
-    # imported here: checkpoint I/O pulls in torch, which `--help` never needs
-    from training.checkpoint import CheckpointMismatchError
-
-    return ValueError, FileNotFoundError, KeyError, TypeError, CheckpointMismatchError
+def is_user_error(err: BaseException) -> bool:
+    if isinstance(err, (ValueError, FileNotFoundError, KeyError, TypeError)):
+        return True
+    # looked up, not imported: a CheckpointMismatchError can only come from an already loaded module, and
+    # argparse's early exits stay free of the torch import
+    checkpoint = sys.modules.get("training.checkpoint")
+    return checkpoint is not None and isinstance(err, checkpoint.CheckpointMismatchError)
 
 
 def one_line(err: BaseException) -> str:
@@ -63,15 +65,15 @@ def run_cli(main: Callable[[list[str]], object], argv: Sequence[str] | None = No
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         result = main(argv)
-    except user_error_types() as err:
-        if "--debug" in argv:
-            raise
-        print(f"error: {one_line(err)}", file=sys.stderr, flush=True)
-        return USER_ERROR_STATUS
     except SystemExit as err:
         if not isinstance(err.code, str) or "--debug" in argv:
             raise  # argparse and --help exit with an int and have printed already
         # `raise SystemExit("message")` is the older idiom for a user error: same line, same status
+        print(f"error: {one_line(err)}", file=sys.stderr, flush=True)
+        return USER_ERROR_STATUS
+    except Exception as err:
+        if not is_user_error(err) or "--debug" in argv:
+            raise
         print(f"error: {one_line(err)}", file=sys.stderr, flush=True)
         return USER_ERROR_STATUS
     return result if isinstance(result, int) and not isinstance(result, bool) else 0

@@ -224,7 +224,9 @@ def load_dd_config(path: str, overrides: list[str]) -> DDConfig:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from training.errors import make_parser
+
+    parser = make_parser(description=__doc__)
     parser.add_argument("--config", required=True, help="TOML file with a [dd] table (e.g. configs/fmnist_dd.toml)")
     parser.add_argument("--set", action="append", default=[], metavar="dd.KEY=VALUE", help="override a [dd] value")
     parser.add_argument("--stop-after", type=int, default=None, help="write at most N shards per process, then stop")
@@ -252,4 +254,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    from training.errors import run_cli
+
+    sys.exit(run_cli(main))
