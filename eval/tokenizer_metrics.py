@@ -123,6 +123,10 @@ def evaluate_tokenizer(vae, source, batch_size: int = 64, device: torch.device |
     for name, (orig, recon) in feats.items():
         a, b = feature_stats(np.concatenate(orig), f"{name} originals"), feature_stats(np.concatenate(recon), f"{name} recon")
         report["rfid" if name == "inception" else f"{name}_rfd"] = frechet_distance(a.mu, a.sigma, b.mu, b.sigma)
+        if getattr(feature_nets[name], "fid_mode", None):  # both sides through our network, in this input path
+            net = feature_nets[name]
+            report["rfid_protocol"] = {"fid_mode": net.fid_mode, "weights_sha256": net.weights_sha256,
+                                       "resize": net.resize, "num_samples": len(source)}
     report["seconds"] = round(time.perf_counter() - start, 2)
     return report
 

@@ -64,6 +64,17 @@ def test_fd_interval_covers_the_true_distance_between_gaussians():
     assert both_hits >= 90 and fixed_hits >= 90, (both_hits, fixed_hits)
 
 
+def test_fd_interval_at_zero_distance_stays_non_negative_and_covers_zero():
+    # equal distributions: the estimate is pure bias, a reflected interval alone would lie below it
+    hits = 0
+    for seed in range(SEEDS):
+        rng = np.random.default_rng(seed)
+        ci = fd_bootstrap_ci(rng.normal(size=(200, 6)), rng.normal(size=(200, 6)), n_boot=50, seed=seed)
+        assert ci["low"] >= 0
+        hits += _covered(ci, 0.0)
+    assert hits >= 90
+
+
 def test_kid_interval_covers_the_closed_form_mmd():
     # d = 1: k(x, y) = (xy + 1)^3, so MMD^2 = (m3P - m3Q)^2 + 3 (m2P - m2Q)^2 + 3 (m1P - m1Q)^2 with raw moments
     mu = 0.5
@@ -133,3 +144,26 @@ def test_card_shows_intervals_and_marks_significant_differences(tmp_path):
     assert "| proxy FD (classifier features) | 1 | [0.8, 1.2] |" in card_markdown(a)
     table = comparison_markdown({"a": a, "b": b, "c": c})
     assert "| 2 [1.7, 2.3] * |" in table and "| 1.1 [0.9, 1.3] |" in table
+
+
+def test_tokenizer_report_carries_psnr_interval():
+    import torch
+
+    from eval.data import ArraySource
+    from eval.tokenizer_metrics import evaluate_tokenizer, psnr
+    from tokenizers import VQVAE, VQVAEConfig
+
+    torch.manual_seed(0)
+    vae = VQVAE(VQVAEConfig(vocab_size=16, z_channels=8, ch=32, ch_mult=(1, 2), num_res_blocks=1,
+                            patch_nums=(1, 2, 4, 8))).eval()
+    size = vae.config.image_size
+    images = np.random.default_rng(0).integers(0, 256, size=(6, size, size, 3), dtype=np.uint8)
+    report = evaluate_tokenizer(vae, ArraySource(images), batch_size=4)
+    x01 = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+    with torch.no_grad():
+        recon = ((vae.tokens_to_img(vae.img_to_tokens(x01 * 2 - 1)) + 1) / 2).clamp(0, 1)
+    per_image = psnr(recon, x01).numpy()
+    ci = report["intervals"]["psnr_db"]
+    half = sps.t.ppf(0.975, 5) * per_image.std(ddof=1) / np.sqrt(6)
+    assert (ci["low"], ci["high"]) == pytest.approx((per_image.mean() - half, per_image.mean() + half), rel=1e-5)
+    assert ci["low"] < report["psnr_db"] < ci["high"] and "ssim" in report["intervals"]
