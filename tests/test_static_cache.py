@@ -82,7 +82,7 @@ def both(var, x, cond, caches, scale_begin):
 
 
 def buffer_ptrs(cache: KVCache):
-    return [t.data_ptr() for t in cache._k + cache._v + cache._pos]
+    return [t.data_ptr() for t in cache.buffers()]
 
 
 @pytest.mark.parametrize("cfg", CONFIGS)

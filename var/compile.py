@@ -7,7 +7,7 @@ specialise one graph per scale (the cache's per-layer lengths are Python ints it
 
 Modes: None (eager), "default", "reduce-overhead" (CUDA graphs on CUDA), "max-autotune". CUDA graphs
 replay at fixed addresses: the cache buffers are allocated before the first traced call and marked as
-static inputs (`KVCache` does this), and each call starts a new CUDA-graph step, so outputs are cloned
+static inputs (`prepare_cache`), and each call starts a new CUDA-graph step, so outputs are cloned
 out of the graph pool before being handed back. A cache that is reused (`clear()`) keeps its addresses
 and replays the recorded graphs; a new cache makes them re-record once.
 """
@@ -37,6 +37,10 @@ def prepare_cache(model: VAR, cache: KVCache, x_BLC: torch.Tensor) -> None:
     """Allocate the cache's buffers eagerly, so a traced forward only ever writes into existing tensors."""
     attn = model.blocks[0].attn
     cache.allocate(x_BLC.shape[0], attn.num_heads, attn.head_dim, key_dtype(model, x_BLC.device.type), x_BLC.device)
+    for t in cache.buffers():
+        # Unguarded: CUDA graphs treat the buffers as static inputs (mutation allowed, no copy); a new
+        # cache re-records the graphs instead of recompiling them.
+        torch._dynamo.mark_static_address(t)
 
 
 def compile_blocks(model: VAR, mode: str | None, *, backend="inductor") -> Callable[..., torch.Tensor]:

@@ -14,12 +14,6 @@ from __future__ import annotations
 import torch
 
 
-def _static(t: torch.Tensor) -> torch.Tensor:
-    # Unguarded: a new cache makes CUDA graphs re-record rather than recompile the graph.
-    torch._dynamo.mark_static_address(t)
-    return t
-
-
 class KVCache:
     """`max_len`: sequence positions a layer can hold (the model's seq_len, see `VAR.new_cache`).
     `dtype`: storage dtype of keys/values (default: the dtype of the first keys; e.g. bf16 on CUDA).
@@ -80,9 +74,13 @@ class KVCache:
             raise ValueError(f"layer {layer} caches (B, H, c) = {tuple(k.shape[:2]) + (k.shape[3],)} but got keys of "
                              f"{(B, H, c)}; use one cache per batch (or clear() it first)")
         shape = (B, H, self.max_len, c)
-        self._k[layer] = _static(torch.zeros(shape, dtype=dtype, device=device))
-        self._v[layer] = _static(torch.zeros(shape, dtype=dtype, device=device))
-        self._pos[layer] = _static(torch.zeros(shape[:3], dtype=torch.int64, device=device))
+        self._k[layer] = torch.zeros(shape, dtype=dtype, device=device)
+        self._v[layer] = torch.zeros(shape, dtype=dtype, device=device)
+        self._pos[layer] = torch.zeros(shape[:3], dtype=torch.int64, device=device)
+
+    def buffers(self) -> list[torch.Tensor]:
+        """Every allocated buffer (keys, values, positions): what a compiler must treat as fixed-address inputs."""
+        return [t for t in self._k + self._v + self._pos if t is not None]
 
     # ---- the operations samplers use -----------------------------------------------------------------
     def append(self, layer: int, k_BHlc: torch.Tensor, v_BHlc: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
