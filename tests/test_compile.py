@@ -118,3 +118,15 @@ def test_inductor_cpu_equals_eager_on_the_shipped_drafter():
     for si, (a, b) in enumerate(zip(eager, compiled)):
         assert torch.equal(a.argmax(-1), b.argmax(-1)), f"greedy tokens differ at scale {si}"
         torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+
+
+def test_traced_forward_under_cpu_autocast_keeps_a_bf16_cache():
+    var, _ = make_tiny_pair(seed=3)
+    run = compile_blocks(var, "default", backend=CountingBackend())
+    x_all, cond = random_scales(var, 2, 4)
+    caches = var.new_cache(), var.new_cache()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        eager, traced = (per_scale(var, fn, c, x_all, cond) for fn, c in zip((var.run_blocks, run), caches))
+    assert caches[1].keys[0].dtype == torch.bfloat16  # allocated before tracing in the autocast dtype
+    for a, b in zip(eager, traced):
+        torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-6)

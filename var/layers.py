@@ -87,7 +87,8 @@ class SelfAttention(nn.Module):
             if cache.record_queries:
                 cache.queries[layer] = q
             k, v = cache.append(layer, k, v, start)
-            if k.dtype != q.dtype:  # a cache stored in another dtype (e.g. bf16 KV under fp32 compute)
+            # a cache stored in another dtype (bf16 KV, fp32 compute); autocast casts for SDPA by itself
+            if k.dtype != q.dtype and not torch.is_autocast_enabled(q.device.type):
                 k, v = k.to(q.dtype), v.to(q.dtype)
         if observer is not None:
             observer(layer, q, k)
