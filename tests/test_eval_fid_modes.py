@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from eval.data import ArraySource, save_ref_stats
-from eval.frechet import feature_stats
+from eval.frechet import RankDeficientWarning, feature_stats
 from eval.harness import FIDModeError, default_fid_mode, evaluate, load_reference
 from eval.inception import InceptionFeatures, random_fid_inception
 from eval.resize import RESIZE_DESCRIPTIONS, clean_resize_bicubic, tf1_resize_bilinear
@@ -143,11 +143,29 @@ def test_statistics_of_another_mode_are_refused(tmp_path):
         load_reference(tmp_path / "adm_stats_only.npz", TinyFIDNet("recompute"))
 
 
-def test_cli_refuses_mixed_modes_with_one_line(tmp_path, capsys):
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    path = tmp_path_factory.mktemp("inception") / "pt_inception.pth"
+    torch.save(random_fid_inception(0).state_dict(), path)
+    return path
+
+
+def test_ref_stats_cli_records_its_mode(tmp_path, weights):
+    from eval import ref_stats
+    from eval.data import load_ref_stats
+
+    np.savez(tmp_path / "real.npz", arr_0=_images(3, 5))
+    with pytest.warns(RankDeficientWarning):  # 3 images for 2048 dimensions: only the metadata matters here
+            assert ref_stats.main(["--images", str(tmp_path / "real.npz"), "--inception", str(weights), "--fid-mode", "clean",
+                               "--out", str(tmp_path / "ref.npz"), "--device", "cpu", "--no-features"]) == 0
+    meta = load_ref_stats(tmp_path / "ref.npz").meta
+    assert meta["fid_mode"] == "clean" and meta["network"]["resize"] == RESIZE_DESCRIPTIONS["clean"]
+    assert default_fid_mode(tmp_path / "ref.npz") == "clean"
+
+
+def test_cli_refuses_mixed_modes_with_one_line(tmp_path, capsys, weights):
     from eval import fid
 
-    weights = tmp_path / "pt_inception.pth"
-    torch.save(random_fid_inception(0).state_dict(), weights)
     _our_stats(tmp_path / "ref.npz", "recompute")
     np.savez(tmp_path / "fake.npz", arr_0=_images(4, 2))
     rc = fid.main(["--samples", str(tmp_path / "fake.npz"), "--ref", str(tmp_path / "ref.npz"), "--inception",
