@@ -29,6 +29,7 @@ from torch import nn
 from tokenizers import VQVAE, VQVAEConfig
 from tokenizers.config import official_vqvae_config
 from training.atomic import atomic_write
+from training.hub import resolve_path
 from var.config import VARConfig, from_dict
 from var.model import VAR
 
@@ -148,7 +149,7 @@ def save_model(path: str | Path, model: VQVAE | VAR, extra: dict | None = None) 
 
 def read_metadata(path: str | Path) -> dict:
     """Format metadata of one of our checkpoints: kind, config (dict), extra (dict), format_version."""
-    path = Path(path)
+    path = resolve_path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     with path.open("rb") as fh:
@@ -314,7 +315,9 @@ def checkpoint_kind(path: str | Path) -> str:
 
 def load_any(path: str | Path, kind: str, device="cpu", patch_nums=None, overrides: dict | None = None):
     """Ours (.safetensors) or official (.pth/.pt) by file extension. `overrides` (VAR checkpoints only) sets
-    VARConfig fields; ours record their whole config, so there it only suits fields the weights ignore."""
+    VARConfig fields; ours record their whole config, so there it only suits fields the weights ignore.
+    `path` may be an hf://OWNER/REPO/FILE[@REV] URI (resolved through the Hugging Face cache)."""
+    path = resolve_path(path)
     suffix = Path(path).suffix
     if overrides and kind != "var":
         raise ValueError(f"{path}: config overrides apply to VAR checkpoints only, not to a {kind}")
