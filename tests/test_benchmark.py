@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 
-from conftest import make_tiny_pair
+from tests.conftest import make_tiny_pair
 from benchmarks import benchmark
 from training.checkpoint import save_model
 

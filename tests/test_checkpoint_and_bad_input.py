@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import make_tiny_pair
+from tests.conftest import make_tiny_pair
 from samplers import build_sampler
 from training.checkpoint import (CheckpointMismatchError, load_any, load_model, load_official_vae, load_official_var,
                             read_metadata, save_model)

@@ -196,7 +196,7 @@ def test_var_override_reaches_the_official_loader(tmp_path):
 
     if "overrides" not in inspect.signature(load_any).parameters:
         pytest.skip("training.checkpoint.load_any has no overrides= keyword yet")
-    from conftest import make_tiny_pair, perturb_
+    from tests.conftest import make_tiny_pair, perturb_
     from training.checkpoint import save_model
     from var import VAR
 
