@@ -190,7 +190,7 @@ def test_list_samplers():
 
 
 def test_var_override_reaches_the_official_loader(tmp_path):
-    """A bare state dict without attn_l2_norm gives no head count (the loader guesses C // 64 = 1): with
+    """A bare state dict without attn_l2_norm records no head count (the loader refuses to guess): with
     --var-override num_heads=4 it samples exactly the images of the same weights in our format."""
     from training.checkpoint import load_any
 
@@ -207,6 +207,8 @@ def test_var_override_reaches_the_official_loader(tmp_path):
     torch.save(var.state_dict(), tmp_path / "var.pth")
     base = ("--vae", str(tmp_path / "vae.safetensors"), "--classes", "0,1", "--per-class", "2")
     sample(tmp_path / "ours", *base, "--var", str(tmp_path / "var.safetensors"))
+    assert "--var-override num_heads" in error_line(sample(tmp_path / "guess", *base, "--var", str(tmp_path / "var.pth"),
+                                                           check=False))
     sample(tmp_path / "pth", *base, "--var", str(tmp_path / "var.pth"), "--var-override", "num_heads=4")
     assert pngs(tmp_path / "pth") == pngs(tmp_path / "ours")
 
