@@ -49,7 +49,7 @@ class FIDModeError(ValueError):
     """Reference statistics and sample features come from different FID protocols."""
 
 
-def stored_fid_mode(data: dict[str, np.ndarray]) -> str | None:
+def stored_fid_mode(data) -> str | None:
     """The FID mode of the statistics a reference file carries: ours record it; an ADM reference batch's
     came from the TF graph ("adm"); ours from before modes existed used pytorch-fid's path ("recompute")."""
     if "mu" not in data:
@@ -65,7 +65,12 @@ def stored_fid_mode(data: dict[str, np.ndarray]) -> str | None:
 
 def default_fid_mode(path: str | Path) -> str:
     """"adm" for an ADM reference batch, the recorded mode of our statistics, "recompute" for images only."""
-    return stored_fid_mode(load_npz(path)) or "recompute"
+    try:  # lazily: an ADM batch's arr_0 is 2 GB and is not needed to read the mode
+        with np.load(path, allow_pickle=False) as data:
+            return stored_fid_mode(data) or "recompute"
+    except (ValueError, OSError, EOFError):
+        load_npz(path)  # raises the error that names the problem
+        raise
 
 
 def check_reference_network(ref: RefStats, net, pool_dim: int) -> None:
