@@ -122,6 +122,7 @@ class Sampler(nn.Module):
         self.var, self.vae = var, vae
         if options or (not accelerators and self.accelerator_classes):
             accelerators = tuple(accelerators) + tuple(self._build_accelerators(options))
+        compile = "default" if compile is True else (None if compile is False else compile)
         if compile not in (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"):
             raise ValueError(f"compile must be a torch.compile mode (default, reduce-overhead, max-autotune), got {compile!r}")
         if precision not in PRECISIONS:

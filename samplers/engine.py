@@ -243,19 +243,33 @@ class Engine:
             self._begin_stage(stage)
             spec = plan.speculation if plan.speculation is not None and plan.speculation.applies_to(stage) else None
             while a < stage.end:
-                a = self._pass(a, stage, spec, tokens, final)
+                a = self._pass(a, stage, spec, tokens, final) if spec is not None else self._step(a, tokens, final)
             self._end_stage()
         if a != K:
             raise ValueError(f"the stages cover scales 0..{a - 1}, not all {K} scales")
         return self.state.tokens, self.state.f_hat
 
+    def _step(self, a: int, tokens, final) -> int:
+        """Plain next-scale step: one forward over scale a, the token rule draws it, it is committed."""
+        logits = self._forward(a, [])[0]
+        guided = guide(logits, cfg_strength(self.sampling.cfg, a, self.num_scales))
+        idx, vec = self._forced(a, *self.plan.token_rule.choose(self, guided, a))
+        tokens[a], final[a] = idx, torch.ones_like(final[a])
+        if self.kept_logits is not None:
+            self.kept_logits.append(logits)
+        self._commit(a, a + 1, [idx], [vec])
+        return a + 1
+
     def _pass(self, a: int, stage: VARStage, spec, tokens, final) -> int:
-        """One transformer forward over scales a..e-1 (e = a + 1 without speculation); returns the commit."""
-        run, K = self.running, self.num_scales
-        e = spec.window_end(a, stage.end) if spec is not None else a + 1
-        drafts = spec.propose(a, e - 1, tokens, final) if e - 1 > a else []
-        if len(drafts) != e - 1 - a:
-            raise RuntimeError(f"the speculation returned {len(drafts)} drafts for scales {a}..{e - 2}")
+        """Speculative pass: one forward over the window a..e-1; drafts verified scale by scale while a row's
+        context is exact, the last scale drawn directly; commits the scales final in every row."""
+        K = self.num_scales
+        e = spec.window_end(a, stage.end)
+        if e == a + 1:  # a window of one scale (the next one is too large to speculate): a plain step
+            c = self._step(a, tokens, final)
+            spec.observe(a, c, [], tokens, final)
+            return c
+        drafts = spec.propose(a, e - 1, tokens, final)
         inputs = []
         for b, d in zip(range(a, e - 1), drafts):
             d.tokens = self._constrain(b, d.tokens)[0]
@@ -265,36 +279,31 @@ class Engine:
         probs = []
         for b in range(a, e):
             guided = guide(logits[b - a], cfg_strength(self.sampling.cfg, b, K))
+            probs.append(self.plan.token_rule.law(self, guided, b))
             if b < e - 1:
-                p = self.plan.token_rule.law(self, guided, b)
-                probs.append(p)
                 forced = self._constrain(b, drafts[b - a].tokens)[1]
-                exact_B = spec.verify(b, p, drafts[b - a], tokens, final, exact_B, forced, self._constrain)
-            else:
-                idx, vec = self.plan.token_rule.choose(self, guided, b)
-                idx, keep = self._constrain(b, idx)
-                if vec is not None and keep is not None:
-                    known = self.vae.quantize.embedding(idx).to(vec.dtype)
-                    vec = torch.where(keep[..., None], known, vec)
+                exact_B = spec.verify(b, probs[-1], drafts[b - a], tokens, final, exact_B, forced, self._constrain)
+            else:  # rows whose context is exact draw the last scale directly
+                idx, _ = self._constrain(b, self.plan.token_rule.choose(self, guided, b)[0])
                 take = exact_B & ~final[b]
                 tokens[b] = idx if tokens[b] is None else torch.where(take[:, None], idx, tokens[b])
                 final[b] = final[b] | exact_B
-                self._direct_vec = vec if bool(exact_B.all()) else None
-                if spec is not None:
-                    probs.append(self.plan.token_rule.law(self, guided, b))
         c = a
         while c < min(K, stage.end) and bool(final[c].all()):
             c += 1
         if self.kept_logits is not None:
             self.kept_logits.extend(logits[: c - a])
-        vecs = [None] * (c - a)
-        if c == e and getattr(self, "_direct_vec", None) is not None:
-            vecs[-1] = self._direct_vec  # soft codes (more_smooth) or transported vectors of the directly drawn scale
-        self._direct_vec = None
-        self._commit(a, c, [tokens[s] for s in range(a, c)], vecs)
-        if spec is not None:
-            spec.observe(a, c, probs, tokens, final)
+        self._commit(a, c, [tokens[s] for s in range(a, c)], [None] * (c - a))
+        spec.observe(a, c, probs, tokens, final)
         return c
+
+    def _forced(self, si: int, idx_Bl: torch.Tensor, vec_BlC: torch.Tensor | None):
+        """Apply the constraint to drawn tokens, and to their vectors when the rule made its own (soft codes)."""
+        idx_Bl, keep_Bl = self._constrain(si, idx_Bl)
+        if vec_BlC is not None and keep_Bl is not None:
+            known = self.vae.quantize.embedding(idx_Bl).to(vec_BlC.dtype)
+            vec_BlC = torch.where(keep_Bl[..., None], known, vec_BlC)
+        return idx_Bl, vec_BlC
 
     # ---- model forwards -------------------------------------------------------------------------------
     def _begin_stage(self, stage: VARStage) -> None:
@@ -345,9 +354,7 @@ class Engine:
         """A one-shot stage's scales, committed for every row."""
         idx_list, vec_list = [], []
         for i, (idx, vec) in enumerate(outputs):
-            idx, keep = self._constrain(a + i, idx)
-            if keep is not None and vec is not None:
-                vec = torch.where(keep[..., None], self.vae.quantize.embedding(idx).to(vec.dtype), vec)
+            idx, vec = self._forced(a + i, idx, vec)
             tokens[a + i], final[a + i] = idx, torch.ones_like(final[a + i])
             idx_list.append(idx)
             vec_list.append(vec)
