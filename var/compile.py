@@ -76,8 +76,6 @@ def compile_blocks(model: VAR, mode: str | None, *, backend="inductor") -> Calla
             out = compiled(x_BLC, cond_BD, cache, scale_begin)
         if cuda_graphs:  # graph outputs live in the CUDA-graph pool and are overwritten by the next replay
             out = out.clone()
-            if cache is not None and cache.record_queries:
-                cache.queries = [None if q is None else q.clone() for q in cache.queries]
         return out
 
     run_blocks.__doc__ = f"model.run_blocks compiled with torch.compile(mode={mode!r}, backend={backend!r}, dynamic=False)."

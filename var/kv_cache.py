@@ -17,11 +17,9 @@ import torch
 class KVCache:
     """`max_len`: sequence positions a layer can hold (the model's seq_len, see `VAR.new_cache`).
     `dtype`: storage dtype of keys/values (default: the dtype of the first keys; e.g. bf16 on CUDA).
-    `record_queries`: keep each layer's latest queries in `queries` (legacy; prefer the run_blocks observer).
     """
 
-    def __init__(self, num_layers: int, max_len: int, *, dtype: torch.dtype | None = None,
-                 record_queries: bool = False):
+    def __init__(self, num_layers: int, max_len: int, *, dtype: torch.dtype | None = None):
         if max_len < 1:
             raise ValueError(f"max_len must be >= 1 (the model's sequence length), got {max_len}")
         self.max_len, self.dtype = int(max_len), dtype
@@ -29,8 +27,6 @@ class KVCache:
         self._v: list[torch.Tensor | None] = [None] * num_layers
         self._pos: list[torch.Tensor | None] = [None] * num_layers  # (B, H, max_len) int64
         self._len = [0] * num_layers  # used entries per layer
-        self.record_queries = record_queries
-        self.queries: list[torch.Tensor | None] = [None] * num_layers
         self.seq_len = 0  # number of sequence positions fed so far (committed + just appended)
 
     @property
@@ -147,5 +143,4 @@ class KVCache:
     def clear(self) -> None:
         """Forget every entry but keep the buffers (same addresses: compiled graphs and CUDA graphs replay)."""
         self._len = [0] * self.num_layers
-        self.queries = [None] * self.num_layers
         self.seq_len = 0

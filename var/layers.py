@@ -84,8 +84,6 @@ class SelfAttention(nn.Module):
                 layer: int = 0, start: int = 0, observer: Observer | None = None) -> torch.Tensor:
         q, k, v = self.qkv(x_BLC)
         if cache is not None:
-            if cache.record_queries:
-                cache.queries[layer] = q
             k, v = cache.append(layer, k, v, start)
             # a cache stored in another dtype (bf16 KV, fp32 compute); autocast casts for SDPA by itself
             if k.dtype != q.dtype and not torch.is_autocast_enabled(q.device.type):
@@ -130,10 +128,14 @@ class AdaLNBlock(nn.Module):
 
     def forward(self, x_BLC: torch.Tensor, cond: torch.Tensor, attn_bias: torch.Tensor | None,
                 cache: KVCache | None = None, layer: int = 0, start: int = 0,
-                observer: Observer | None = None) -> torch.Tensor:
+                observer: Observer | None = None, mid_residual: torch.Tensor | None = None) -> torch.Tensor:
+        """mid_residual: a tensor added to the stream between the attention and FFN branches (the distilled
+        student's slot-type injection); None for the VAR itself."""
         gamma1, gamma2, scale1, scale2, shift1, shift2 = self.modulation(cond)
         h = layer_norm(x_BLC, self.norm_eps).mul(scale1.add(1)).add_(shift1)
         x_BLC = x_BLC + self.drop_path(self.attn(h, attn_bias, cache, layer, start, observer).mul_(gamma1))
+        if mid_residual is not None:
+            x_BLC = x_BLC + mid_residual.to(x_BLC.dtype)
         h = layer_norm(x_BLC, self.norm_eps).mul(scale2.add(1)).add_(shift2)
         return x_BLC + self.drop_path(self.ffn(h).mul(gamma2))
 

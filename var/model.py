@@ -146,9 +146,9 @@ class VAR(nn.Module):
     def logits(self, h_BLC: torch.Tensor, cond_BD: torch.Tensor) -> torch.Tensor:
         return self.head(self.head_nm(h_BLC.float(), cond_BD).float()).float()
 
-    def new_cache(self, record_queries: bool = False, dtype: torch.dtype | None = None) -> KVCache:
+    def new_cache(self, dtype: torch.dtype | None = None) -> KVCache:
         """A static cache for the whole sequence; dtype: KV storage dtype (default: the keys' dtype)."""
-        return KVCache(self.depth, self.seq_len, dtype=dtype, record_queries=record_queries)
+        return KVCache(self.depth, self.seq_len, dtype=dtype)
 
     def forward(self, labels_B: torch.Tensor, x_tf_BlCv: torch.Tensor) -> torch.Tensor:
         """Teacher-forced logits (B, L, V). In training mode labels are dropped to the null class with

@@ -175,13 +175,8 @@ class DDStudent(nn.Module):
         if torch.is_autocast_enabled(device_type):
             dtype = torch.get_autocast_dtype(device_type)
             x_BSC, cond = x_BSC.to(dtype), cond.to(dtype)
-        for block, proj in zip(bb.blocks, self.type_proj):
-            gamma1, gamma2, scale1, scale2, shift1, shift2 = block.modulation(cond)
-            h = layer_norm(x_BSC, block.norm_eps).mul(scale1.add(1)).add_(shift1)
-            x_BSC = x_BSC + block.drop_path(block.attn(h, self.attn_bias).mul_(gamma1))
-            x_BSC = x_BSC + proj(type_BSC).to(x_BSC.dtype)
-            h = layer_norm(x_BSC, block.norm_eps).mul(scale2.add(1)).add_(shift2)
-            x_BSC = x_BSC + block.drop_path(block.ffn(h).mul(gamma2))
+        for block, proj in zip(bb.blocks, self.type_proj):  # the teacher's own block code, plus the type injection
+            x_BSC = block(x_BSC, cond, self.attn_bias, mid_residual=proj(type_BSC))
         h_BLC = (x_BSC + self.type_proj[-1](type_BSC).to(x_BSC.dtype))[:, 1:].float()
         logits_BLV = bb.logits(h_BLC, cond_BD)
         scale, shift = self.cont_ada(labels_B.long()).view(B, 1, 2, -1).float().unbind(2)
