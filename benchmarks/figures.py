@@ -22,6 +22,7 @@ from benchmarks.plot import ROOT, write_provenance
 from benchmarks.plotting import load_font
 from samplers import build_sampler
 from training.atomic import atomic_write
+from training.images import psnr
 from training.checkpoint import load_any
 from training.data import FASHION_MNIST_CLASSES, FashionMNIST
 
@@ -75,9 +76,8 @@ def grid(rows: list[list[Image.Image]], headers: list[str], row_labels: list[str
     return sheet
 
 
-def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    mse = (a - b).pow(2).mean().item()
-    return float("inf") if mse == 0 else 10 * np.log10(1.0 / mse)
+def mean_psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(psnr(a, b).mean())
 
 
 def editing_figure(var, vae, ds: FashionMNIST, settings: dict) -> Image.Image:
@@ -105,7 +105,7 @@ def coarse_to_fine_figure(vae, ds: FashionMNIST, settings: dict) -> Image.Image:
     views = [vae.tokens_to_img(tokens, last_scale=k).add(1).div(2) for k in range(len(vae.patch_nums))]
     originals = images.add(1).div(2)
     rows = [[to_tile(originals[b])] + [to_tile(v[b]) for v in views] for b in range(len(idx))]
-    psnrs = [psnr(v, originals) for v in views]
+    psnrs = [mean_psnr(v, originals) for v in views]
     headers = ["original"] + [f"scales 1..{k + 1}\n({pn}x{pn}) {p:.1f} dB"
                               for k, (pn, p) in enumerate(zip(vae.patch_nums, psnrs))]
     settings.update(test_indices=idx, psnr_db_per_scale=[round(p, 3) for p in psnrs])

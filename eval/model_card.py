@@ -28,7 +28,7 @@ from tqdm import tqdm
 from samplers.default import DefaultSampler
 from training.atomic import atomic_write_json, file_sha256
 from training.checkpoint import load_model, read_metadata
-from training.images import grid_image, save_png_atomic
+from training.images import grid_image, psnr, save_png_atomic
 
 
 
@@ -46,7 +46,7 @@ def tokenizer_metrics(vae, dataset, batch_size: int = 250):
         idx = vae.img_to_tokens(img)
         recon = vae.tokens_to_img(idx)
         mse_B = (recon.add(1).div(2) - img.add(1).div(2)).square().flatten(1).mean(1)
-        psnr_sum += float((10 * torch.log10(1.0 / mse_B.clamp_min(1e-10))).sum())
+        psnr_sum += float(psnr(recon.add(1).div(2), img.add(1).div(2)).sum())
         mse_sum += float(mse_B.sum())
         n += len(img)
         for si, idx_Bl in enumerate(idx):

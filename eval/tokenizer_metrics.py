@@ -23,12 +23,7 @@ from tqdm import tqdm
 from eval.data import ArraySource, fashion_mnist_uint8, open_images
 from eval.features import uint8_to_input
 from eval.intervals import mean_ci
-
-
-def psnr(x_B3HW: torch.Tensor, y_B3HW: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
-    """Per-image PSNR in dB; identical images give +inf."""
-    mse = (x_B3HW.double() - y_B3HW.double()).square().flatten(1).mean(1)
-    return 10 * torch.log10(data_range**2 / mse)
+from training.images import psnr  # noqa: F401  (the one PSNR; re-exported for metric users)
 
 
 def gaussian_window(size: int = 11, sigma: float = 1.5) -> torch.Tensor:

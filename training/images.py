@@ -66,3 +66,10 @@ def grid_image(img_B3HW_01: torch.Tensor, nrow: int | None = None, padding: int 
 
 def save_png_atomic(image: Image.Image, path: str | Path) -> None:
     atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
+
+
+def psnr(x_B3HW: torch.Tensor, y_B3HW: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
+    """Per-image PSNR in dB, (B,) float64: 10 log10(data_range^2 / MSE_b); identical images give +inf.
+    The one PSNR of the toolkit (training logs, tokenizer metrics, model cards, benchmarks average it over images)."""
+    mse_B = (x_B3HW.double() - y_B3HW.double()).square().flatten(1).mean(1)
+    return 10 * torch.log10(data_range**2 / mse_B)

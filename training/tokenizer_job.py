@@ -22,7 +22,7 @@ from torch import nn
 from tokenizers.config import VQVAEConfig
 from tokenizers.losses import PatchDiscriminator, VGGPerceptual, adaptive_gan_weight, hinge_d_loss
 from tokenizers.vqvae import VQVAE
-from training.images import grid_image
+from training.images import grid_image, psnr
 from training.trainer import TrainJob
 
 
@@ -77,7 +77,7 @@ class TokenizerJob(TrainJob):
             rec = rec + self.lcfg.perceptual_weight * self.perceptual(out.recon.float(), img.float())
         loss = rec + self.lcfg.vq_weight * out.vq_loss
         metrics = {"loss_rec_l1": l1.detach(), "loss_vq": out.vq_loss.detach(),
-                   "psnr": 10 * torch.log10(4.0 / mse.detach().clamp_min(1e-10))}
+                   "psnr": psnr(out.recon.detach(), img, data_range=2.0).mean()}  # images in [-1, 1]
         if self._gan_active(step):
             g_loss = -self.disc(out.recon).mean()
             unwrapped = self.model.module if hasattr(self.model, "module") else self.model
