@@ -118,7 +118,8 @@ def test_select_topk_and_pooling_against_brute_force():
 def test_window_geometry():
     assert window_offsets(4).tolist() == list(range(16))
     off = window_offsets(8)
-    assert off.tolist() == [r * 8 + c for r in (1, 3, 5, 7) for c in (1, 3, 5, 7)]
+    assert off.tolist() == [r * 8 + c for r in (0, 2, 4, 6) for c in (0, 2, 4, 6)]  # the authors' cell centres
+    assert window_offsets(13).tolist()[:4] == [14, 17, 20, 23]  # cells of 3, centre 1: row 1, columns 1, 4, 7, 10
     assert window_offsets(3).tolist() == list(range(9))  # smaller maps: every token is a query
     assert window_cache_index(40, 5).min() >= 40 - 25
 
@@ -165,7 +166,8 @@ def test_asi_identifies_the_diffuse_layer_on_a_synthetic_tensor():
 def test_calibration_file_is_deterministic_and_tied_to_the_model(setup, tmp_path):
     vae, var, cal = setup
     data = json.loads(cal.read_text())
-    assert data["scales"] == [1, 2, 3, 4] and len(data["drafters"]) == round(0.25 * 4 * var.depth)
+    assert data["scales"] == [1, 2, 3, 4] and len(data["drafters"]) == 4 * max(1, round(0.25 * var.depth))
+    assert sorted({k for _, k in data["drafters"]}) == [1, 2, 3, 4]  # every ranked scale has a drafter
     assert all(not any(row[k] for row in data["drafter_mask"]) for k in (0, len(PN) - 1))
     again = save_calibration(calibrate(var, vae, [0, 3, 6, 9], seeds=[0], drafter_frac=0.25), tmp_path / "again.json")
     assert json.loads(again.read_text()) == data
@@ -243,3 +245,59 @@ def test_paper_variant_switches(setup):
         sampler.sample(LABELS, cfg=1.5, top_k=10, seed=2)
         pos = cache_positions[4][0]  # layer 0 after the second compressed scale
         assert bool((pos == pos[:, :1]).all()) == (not per_head)
+
+
+def test_window_entries_take_no_part_in_pooling():
+    """As the authors' code: window scores are masked before the max pooling, so a window key's large
+    self-score never spreads to its neighbours; average pooling averages over the non-window entries."""
+    g = torch.Generator().manual_seed(3)
+    scores = torch.randn(2, 3, 20, generator=g)
+    window = torch.tensor([12, 15, 18])
+    scores[..., window] = 50.0  # window keys score far above the rest
+    masked = scores.clone()
+    masked[..., window] = -np.inf
+    expect = maximum_filter1d(masked.numpy(), size=5, axis=-1, mode="constant", cval=-np.inf)
+    pooled = pool_scores(scores, "max", 5, exclude_idx=window)
+    np.testing.assert_array_equal(pooled.numpy(), expect)
+    assert float(pooled.max()) < 50.0  # no neighbour inherits a window score
+    avg = pool_scores(scores, "avg", 5, exclude_idx=window)
+    for i in (10, 13, 16):
+        near = [j for j in range(i - 2, i + 3) if 0 <= j < 20 and j not in window.tolist()]
+        torch.testing.assert_close(avg[..., i], scores[..., near].mean(-1))
+
+
+def test_scalekv_keeps_other_positions_than_snapkv_at_equal_budgets():
+    """On the shipped drafter with its calibration: every compressed scale has drafter layers, the per-layer
+    budgets differ from the uniform ones, and so do the kept positions (same seeds, same mean budget)."""
+    from pathlib import Path
+
+    from training.checkpoint import load_any
+    root = Path(__file__).resolve().parents[1] / "checkpoints" / "fmnist"
+    vae = load_any(root / "tokenizer.safetensors", "vqvae")
+    var = load_any(root / "var_drafter.safetensors", "var")
+    cal = load_calibration(root / "scalekv_drafter.json", var)
+    for frac in (0.10, 0.25, 0.35):
+        budget = max(1, round(frac * peak_cache_len(var.patch_nums)))
+        compressed = [k for k, n in enumerate(scale_lengths(var.patch_nums)[:-1]) if n > budget]
+        assert compressed and all(any(cal["drafter_mask"][l][k] for l in range(var.depth)) for k in compressed)
+    kept = {}
+    for kind in ("scalekv", "snapkv"):
+        records = []
+        policy = build_policy(kind, var, 0.35, str(root / "scalekv_drafter.json"))
+
+        class Spy(KVPolicy):
+            needs_queries = True
+
+            def compress(self, cache, model, si, queries=None, policy=policy):
+                record = policy.compress(cache, model, si, queries)
+                records.append((record.before != record.after, record.after, [p.clone() for p in cache.positions]))
+                return record
+        out = ScaleKVSampler(var, vae, policy=Spy()).sample(LABELS, cfg=1.5, top_k=20, seed=[0, 1, 2], decode=False)
+        kept[kind] = (records, out)
+    (sk, _), (sn, _) = kept["scalekv"], kept["snapkv"]
+    compressed = [i for i, (did, _, _) in enumerate(sk) if did]
+    assert compressed and compressed == [i for i, (did, _, _) in enumerate(sn) if did]
+    assert any(sk[i][1] != sn[i][1] for i in compressed), "ScaleKV's per-layer budgets equal the uniform ones"
+    for i in compressed:
+        assert sum(sk[i][1]) == sum(sn[i][1])  # the same mean budget
+    assert any(not torch.equal(a, b) for i in compressed for a, b in zip(sk[i][2], sn[i][2]))

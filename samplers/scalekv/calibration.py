@@ -5,9 +5,10 @@ For every query of the current map (attention after softmax, averaged over heads
   history conc.  = sum of the `hist_topk` (K') largest weights on keys of earlier maps.
 ASI(l, k) = mean(current ratio) * mean(history conc.) over queries, rows and calibration samples.
 Low ASI = attention diffuse over the history = "drafter" layer (needs a large cache). Scores are
-z-normalised over layers within each scale, all (layer, scale) pairs are pooled, and the
-round(drafter_frac * pairs) smallest are drafters. Only scales 1..K-2 are ranked: scale 0 has no
-history and the cache after the last scale is never reused.
+z-normalised over layers within each scale, and at every scale the max(1, round(drafter_frac * layers))
+layers of smallest z are drafters (per scale, so every compressed scale has both kinds, as in the released
+budgets). Only scales 1..K-2 are ranked: scale 0 has no history and the cache after the last scale is
+never reused.
 
 The result is a small JSON tied to the model by a hash of its config and weights; loading it for
 another model is refused. CLI: python -m samplers.scalekv.calibration --var V.safetensors --tokenizer T.safetensors --out cal.json
@@ -49,16 +50,26 @@ def zscore_per_scale(asi_LK: torch.Tensor, scales: list[int], eps: float = 1e-6)
     return z
 
 
+def drafters_per_scale(num_layers: int, drafter_frac: float) -> int:
+    """Drafter layers at every ranked scale: round(drafter_frac * layers), at least one when drafter_frac > 0
+    (the released ScaleKV budgets: 2 of 32 layers per scale for Infinity-2B, 3 for 8B)."""
+    return 0 if drafter_frac == 0 else max(1, round(drafter_frac * num_layers))
+
+
 def identify_drafters(asi_LK: torch.Tensor, scales: list[int], drafter_frac: float) -> list[list[bool]]:
-    """Boolean (L, K) mask: the round(drafter_frac * pairs) pooled (layer, scale) pairs of smallest z."""
+    """Boolean (L, K) mask: at every listed scale, the `drafters_per_scale` layers of smallest z are drafters.
+
+    Per scale, not pooled over scales: every scale a budget may compress then has both kinds, so ScaleKV's
+    allocation differs from a uniform one wherever it compresses."""
     if not 0.0 <= drafter_frac <= 1.0:
         raise ValueError(f"drafter_frac must be in [0, 1], got {drafter_frac}")
     L, K = asi_LK.shape
     z = zscore_per_scale(asi_LK, scales)
-    pairs = sorted(((float(z[l, k]), k, l) for k in scales for l in range(L)))  # ties: lower scale, layer first
+    n = drafters_per_scale(L, drafter_frac)
     mask = [[False] * K for _ in range(L)]
-    for _, k, l in pairs[: round(drafter_frac * len(pairs))]:
-        mask[l][k] = True
+    for k in scales:
+        for l in sorted(range(L), key=lambda l: (float(z[l, k]), l))[:n]:  # ties: lower layer first
+            mask[l][k] = True
     return mask
 
 

@@ -13,7 +13,7 @@ import torch
 from training.atomic import atomic_write_json
 
 FORMAT = "var-scalekv-calibration"
-VERSION = 1
+VERSION = 2  # 2: drafters identified per scale; window centres as the authors' code
 
 
 def model_fingerprint(model: torch.nn.Module) -> dict:

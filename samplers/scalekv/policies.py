@@ -40,14 +40,17 @@ def peak_cache_len(patch_nums) -> int:
 def window_offsets(pn: int, window: int = WINDOW_GRID * WINDOW_GRID) -> torch.Tensor:
     """Row-major offsets inside a pn x pn map of the observation window.
 
-    From 4x4 maps on: the centre token of each cell of a 4x4 grid (16 queries). A smaller map has
-    fewer than 16 tokens, so all of its tokens form the window (the spec's fallback takes the 16 most
-    recent positions, which would reach into earlier scales whose queries are no longer available).
+    From 4x4 maps on: the centre token of each cell of a 4x4 grid (16 queries), as the authors' code places
+    it: cells of side pn // 4 from the top-left, centre (side - 1) // 2 inside each (8x8 -> rows 0, 2, 4, 6).
+    A smaller map has fewer than 16 tokens, so all of its tokens form the window. (The authors fall back to
+    the 16 most recent positions there, whose queries reach into earlier scales that the current forward
+    never computed — their code clamps those to the map's first query; we keep the real queries instead.
+    In practice no budget compresses a cache before the 4x4 map.)
     """
     if pn < WINDOW_GRID:
         return torch.arange(pn * pn)
-    edges = torch.linspace(0, pn, WINDOW_GRID + 1)
-    centres = ((edges[:-1] + edges[1:]) / 2).floor().long().clamp_max(pn - 1)
+    cell = pn // WINDOW_GRID
+    centres = torch.arange(WINDOW_GRID) * cell + (cell - 1) // 2
     rows, cols = torch.meshgrid(centres, centres, indexing="ij")
     return (rows * pn + cols).flatten()[:window]
 
@@ -61,18 +64,29 @@ def window_cache_index(layer_len: int, pn: int) -> torch.Tensor:
     return layer_len - pn * pn + window_offsets(pn)
 
 
-def pool_scores(scores_BHL: torch.Tensor, pooling: str, kernel: int) -> torch.Tensor:
-    """1-D pooling along the flattened sequence, per head (reference: max pooling, kernel 5, same padding)."""
-    if pooling == "none" or kernel <= 1:
-        return scores_BHL
-    B, H, L = scores_BHL.shape
-    flat = scores_BHL.reshape(B * H, 1, L)
-    if pooling == "max":
-        pooled = F.max_pool1d(flat, kernel, stride=1, padding=kernel // 2)
-    elif pooling == "avg":
-        pooled = F.avg_pool1d(flat, kernel, stride=1, padding=kernel // 2, count_include_pad=False)
-    else:
+def pool_scores(scores_BHL: torch.Tensor, pooling: str, kernel: int,
+                exclude_idx: torch.Tensor | None = None) -> torch.Tensor:
+    """1-D pooling along the flattened sequence, per head (reference: max pooling, kernel 5, same padding).
+
+    exclude_idx: entries (the observation window, always kept) that take no part in the pooling, as the
+    authors' code masks them to -inf before it pools: their strong self-scores must not spread to their
+    neighbours. Average pooling averages over the remaining entries (an -inf would poison its neighbours)."""
+    if pooling not in ("max", "avg", "none"):
         raise ValueError(f"pooling must be 'max', 'avg' or 'none', got {pooling!r}")
+    B, H, L = scores_BHL.shape
+    valid_L = torch.ones(L, dtype=torch.bool, device=scores_BHL.device)
+    if exclude_idx is not None:
+        valid_L[exclude_idx.to(scores_BHL.device)] = False
+    if pooling == "none" or kernel <= 1:
+        return scores_BHL.clone()
+    flat = scores_BHL.reshape(B * H, 1, L).float()
+    if pooling == "max":
+        pooled = F.max_pool1d(flat.masked_fill(~valid_L, float("-inf")), kernel, stride=1, padding=kernel // 2)
+    else:
+        weight = valid_L.float().expand_as(flat)
+        total = F.avg_pool1d(flat.masked_fill(~valid_L, 0.0), kernel, stride=1, padding=kernel // 2)
+        count = F.avg_pool1d(weight, kernel, stride=1, padding=kernel // 2)
+        pooled = (total / count.clamp_min(1e-12)).masked_fill(count == 0, float("-inf"))
     return pooled[..., :L].reshape(B, H, L)
 
 
@@ -177,14 +191,19 @@ class SelectionPolicy(KVPolicy):
         return model.blocks[layer].attn.attention_logits(q_win.float(), k.float())
 
     def scores(self, cache: KVCache, model, layer: int, si: int, queries) -> torch.Tensor:
-        """(B, H, L_layer) pooled importance of every cached entry for the window queries of scale si."""
+        """(B, H, L_layer) pooled importance of every cached entry for the window queries of scale si. The window
+        entries take no part in the pooling and keep their own raw score: they are kept whenever the budget
+        holds the window, and compete on that score only when it does not (tiny budgets)."""
         logits_BHwL = self.window_logits(cache, model, layer, si, queries)
         if self.score == "softmax":
             logits_BHwL = logits_BHwL.softmax(dim=-1)
         scores = logits_BHwL.sum(dim=2)
         if not self.per_head:
             scores = scores.mean(dim=1, keepdim=True).expand_as(scores)
-        return pool_scores(scores, self.pooling, self.kernel)
+        window = window_cache_index(cache.layer_len(layer), model.patch_nums[si]).to(scores.device)
+        pooled = pool_scores(scores, self.pooling, self.kernel, exclude_idx=window)
+        pooled[..., window] = scores[..., window].to(pooled.dtype)
+        return pooled
 
     def choose(self, cache, model, layer, si, budget, queries):
         keep = window_cache_index(cache.layer_len(layer), model.patch_nums[si])
