@@ -33,8 +33,9 @@ from einops import rearrange
 from PIL import Image
 
 from samplers import available_samplers, build_sampler, sampler_class
-from samplers.cli import (SHIPPED, check_file, check_resume, clear_outputs, load_models, models_for,
-                          parse_model_specs, parse_sampler_args, parse_var_overrides, write_fingerprint)
+from samplers.cli import (SHIPPED, check_file, check_resume, class_list, clear_outputs, load_models, models_for,
+                          nonneg_float, nonneg_int, parse_model_specs, parse_sampler_args, parse_var_overrides,
+                          positive_int, temperature_list, unit_float, write_fingerprint)
 from samplers.logits_processing import check_sampling_args
 from samplers.seeding import image_seed
 from training.atomic import atomic_write, atomic_write_json, file_sha256
@@ -51,48 +52,6 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 
 
 # ---- arguments ------------------------------------------------------------------------------------------
-def _number(kind, low: float, high: float | None = None):
-    noun = "an integer" if kind is int else "a number"
-    what = f"{noun} in [{low}, {high}]" if high is not None else f"{noun} >= {low}"
-
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
-        if value < low or (high is not None and value > high) or value != value:  # value != value: NaN
-            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
-        return value
-    parse.__name__ = kind.__name__  # argparse names the type in its messages
-    return parse
-
-
-positive_int = _number(int, 1)
-nonneg_int = _number(int, 0)
-nonneg_float = _number(float, 0)
-unit_float = _number(float, 0, 1)
-
-
-def class_list(text: str) -> list[int]:
-    try:
-        classes = [int(c) for c in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated class ids such as 0,3, got {text!r}") from None
-    if any(c < 0 for c in classes):
-        raise argparse.ArgumentTypeError(f"class ids are >= 0, got {text!r}")
-    return classes
-
-
-def temperature_list(text: str) -> list[float]:
-    try:
-        values = [float(v) for v in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number or comma-separated numbers (one per scale), got {text!r}") from None
-    if any(not v > 0 for v in values):
-        raise argparse.ArgumentTypeError(f"temperatures must be > 0, got {text!r}")
-    return values
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = make_parser(description=__doc__)
     m = p.add_argument_group("models")
@@ -160,8 +119,9 @@ def check_input_file(path: str | None, flag: str) -> None:
         raise FileNotFoundError(f"{flag} {path} does not exist; check the path")
 
 
-def validate(args) -> tuple[type, dict, dict[str, str], dict]:
-    """Every check that needs no model, so a bad command fails before anything is loaded or written."""
+def validate(args) -> tuple[type, dict, dict[str, str], dict[str, str], dict]:
+    """Every check that needs no model, so a bad command fails before anything is loaded or written.
+    Returns the sampler class, its options, the local --var/--vae and --model paths, the --var-override values."""
     if args.edit_image or args.edit_mask:
         args.sampler = "edit"
     if args.classes is not None and args.all_classes:
@@ -171,8 +131,7 @@ def validate(args) -> tuple[type, dict, dict[str, str], dict]:
     extra_paths = parse_model_specs(args.model)
     models_for(sampler_cls, extra_paths)  # names only: which extra models are missing or unused
     var_overrides = parse_var_overrides(args.var_override)
-    check_file(args.var, "VAR")
-    check_file(args.vae, "tokenizer")
+    local = {"var": check_file(args.var, "VAR"), "vae": check_file(args.vae, "tokenizer")}
     check_input_file(args.edit_image, "--edit-image")
     check_input_file(args.edit_mask, "--edit-mask")
     if args.sampler == "edit" and not (args.edit_image and args.edit_mask):
@@ -186,7 +145,7 @@ def validate(args) -> tuple[type, dict, dict[str, str], dict]:
             check_input_file(getattr(args, flag), "--" + flag.replace("_", "-"))
     if args.precision == "bf16" and not torch.cuda.is_available():
         raise ValueError("--precision bf16 needs a CUDA GPU; on CPU use --precision fp32 or leave it out")
-    return sampler_cls, sampler_args, extra_paths, var_overrides
+    return sampler_cls, sampler_args, local, extra_paths, var_overrides
 
 
 def load_edit_inputs(args, side: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -214,14 +173,15 @@ def class_names(path: str) -> list[str]:
         return []
 
 
-def fingerprint(args, sampler_args: dict, extra_paths: dict, var_overrides: dict, classes: list[int],
+def fingerprint(args, sampler_args: dict, local: dict, extra_paths: dict, var_overrides: dict, classes: list[int],
                 temperature, device: torch.device) -> dict:
     """Every setting that changes pixels (never the batch size or process count, which do not)."""
     def sha(path):
         return file_sha256(path) if path else None
     precision = args.precision or ("bf16-autocast" if device.type == "cuda" else "fp32")
     return {"format": 1, "seeding": SEEDING, "decode_chunk": DECODE_CHUNK,
-            "models": {"var": sha(args.var), "vae": sha(args.vae), **{n: sha(p) for n, p in sorted(extra_paths.items())}},
+            "models": {"var": sha(local["var"]), "vae": sha(local["vae"]),
+                       **{n: sha(p) for n, p in sorted(extra_paths.items())}},
             "var_overrides": var_overrides, "sampler": args.sampler, "sampler_args": sampler_args,
             # an option naming a file (e.g. a ScaleKV calibration) is fingerprinted by content
             "sampler_arg_files": {k: sha(v) for k, v in sorted(sampler_args.items())
@@ -298,11 +258,11 @@ def run(args) -> Path:
     from accelerate import Accelerator
     from tqdm import tqdm
 
-    sampler_cls, sampler_args, extra_paths, var_overrides = validate(args)
+    sampler_cls, sampler_args, local, extra_paths, var_overrides = validate(args)
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
     acc = Accelerator(cpu=not torch.cuda.is_available())
-    var, vae, extras = load_models(args.var, args.vae, extra_paths, acc.device, var_overrides=var_overrides)
+    var, vae, extras = load_models(local["var"], local["vae"], extra_paths, acc.device, var_overrides=var_overrides)
     # compile/precision travel only when asked for: samplers without these keywords keep working
     build_kwargs = {k: v for k, v in (("compile", args.compile), ("precision", args.precision)) if v is not None}
     sampler = build_sampler(args.sampler, var=var, vae=vae, **models_for(sampler_cls, extras), **sampler_args,
@@ -315,7 +275,7 @@ def run(args) -> Path:
         raise ValueError(f"{err} (flags --cfg, --top-k, --top-p, --temperature)") from err
     edit_inputs = load_edit_inputs(args, vae.config.image_size, acc.device) if args.sampler == "edit" else None
     out = Path(args.out)
-    fp = fingerprint(args, sampler_args, extra_paths, var_overrides, classes, temperature, acc.device)
+    fp = fingerprint(args, sampler_args, local, extra_paths, var_overrides, classes, temperature, acc.device)
     check_resume(out, fp, args.overwrite)
     acc.wait_for_everyone()  # every process has compared before the main one may delete or write
     img_dir = out / "images"
@@ -331,7 +291,7 @@ def run(args) -> Path:
     settings = {k: v for k, v in vars(args).items() if k not in ("list_samplers", "debug")}
     record = {"settings": settings, "sampler_args": sampler_args, "num_images": len(labels), "fingerprint": fp,
               "num_processes": acc.num_processes, "device": str(acc.device), "autocast_bf16": bf16,
-              "class_names": class_names(args.var), "software": software_versions()}
+              "class_names": class_names(local["var"]), "software": software_versions()}
     bar = tqdm(total=len(todo), desc=f"sampling [{acc.process_index}]", disable=not acc.is_local_main_process)
     stats_path = out / (f"stats.rank{acc.process_index}.jsonl" if acc.num_processes > 1 else "stats.jsonl")
     for start in range(0, len(todo), args.batch_size):

@@ -2,6 +2,7 @@
 settings fingerprint that keeps a resumed output folder from mixing runs."""
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import tomllib
@@ -11,9 +12,53 @@ import torch
 
 from training.atomic import atomic_write_json
 from training.checkpoint import checkpoint_kind, load_any
+from training.hub import resolve_path
 from var.config import VARConfig
 
 SHIPPED = Path(__file__).resolve().parents[1] / "checkpoints" / "fmnist"
+
+
+# ---- argparse types: a bad value is reported by argparse with the flag's name ---------------------------
+def _number(kind, low: float, high: float | None = None):
+    noun = "an integer" if kind is int else "a number"
+    what = f"{noun} in [{low}, {high}]" if high is not None else f"{noun} >= {low}"
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if value < low or (high is not None and value > high) or value != value:  # value != value: NaN
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+positive_int = _number(int, 1)
+nonneg_int = _number(int, 0)
+nonneg_float = _number(float, 0)
+unit_float = _number(float, 0, 1)
+
+
+def class_list(text: str) -> list[int]:
+    try:
+        classes = [int(c) for c in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated class ids such as 0,3, got {text!r}") from None
+    if any(c < 0 for c in classes):
+        raise argparse.ArgumentTypeError(f"class ids are >= 0, got {text!r}")
+    return classes
+
+
+def temperature_list(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or comma-separated numbers (one per scale), got {text!r}") from None
+    if any(not v > 0 for v in values):
+        raise argparse.ArgumentTypeError(f"temperatures must be > 0, got {text!r}")
+    return values
 
 
 def parse_sampler_spec(spec: str) -> tuple[str, list[str]]:
@@ -66,8 +111,7 @@ def parse_model_specs(items: list[str]) -> dict[str, str]:
             raise ValueError(f"--model expects NAME=PATH (e.g. refiner=checkpoints/fmnist/var_refiner.safetensors), got {item!r}")
         if name in out:
             raise ValueError(f"--model {name}= is given twice; give each extra model once")
-        check_file(path, f"--model {name}")
-        out[name] = path
+        out[name] = check_file(path, f"--model {name}")
     return out
 
 
@@ -89,11 +133,14 @@ def parse_var_overrides(items: list[str]) -> dict:
     return out
 
 
-def check_file(path: str, what: str) -> None:
-    if not Path(path).is_file():
+def check_file(path: str, what: str) -> str:
+    """The local path of a checkpoint argument (an hf:// URI goes through the Hub cache), checked to exist."""
+    local = str(resolve_path(path))
+    if not Path(local).is_file():
         hint = (" The shipped Fashion-MNIST models live in checkpoints/fmnist/ (see README, 'Training')."
                 if str(path).startswith(str(SHIPPED)) else " Check the path.")
         raise FileNotFoundError(f"{what} checkpoint {path} does not exist.{hint}")
+    return local
 
 
 def load_models(var_path: str, vae_path: str, extra_models: list[str] | dict[str, str], device: torch.device,
@@ -101,8 +148,7 @@ def load_models(var_path: str, vae_path: str, extra_models: list[str] | dict[str
     """VAR first: an official tokenizer file is resolution-agnostic and takes the VAR's scale list.
     `var_overrides` (VARConfig fields) complete the config of an official VAR file where its tensors do not
     determine it (e.g. the head count)."""
-    check_file(var_path, "VAR")
-    check_file(vae_path, "tokenizer")
+    var_path, vae_path = check_file(var_path, "VAR"), check_file(vae_path, "tokenizer")
     extras_paths = extra_models if isinstance(extra_models, dict) else parse_model_specs(extra_models)
     # the keyword only travels when used, so loaders without it keep working for everyone else
     var = load_any(var_path, "var", device=device, **({"overrides": dict(var_overrides)} if var_overrides else {}))

@@ -65,7 +65,19 @@ def test_base_seed_changes_every_image_and_repeats_bitwise(tmp_path):
 
 
 # ---- batch-size / process-count invariance --------------------------------------------------------------
-def _invariance(tmp_path: Path, per_class: int, batch_sizes: tuple[int, ...]) -> int:
+# Decoding is bitwise batch-invariant (fixed padded chunks). The transformer is not: its batched matmuls give
+# logits ~1e-5 apart across batch sizes, which now and then moves a draw across a boundary (measured: 3 of
+# 210 images, batch 1 vs 7, top-k 50). Such an image then differs in whole tokens, i.e. by far more than the
+# +-1 of decoding noise, which is what these tests rule out; a batch-dependent random stream would change
+# nearly every image and trip the bound on the count.
+def _pixels(png: bytes) -> np.ndarray:
+    import io
+
+    from PIL import Image
+    return np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(np.int16)
+
+
+def _invariance(tmp_path: Path, per_class: int, batch_sizes: tuple[int, ...]) -> list[str]:
     runs = {}
     for bs in batch_sizes:
         sample(tmp_path / f"b{bs}", "--per-class", str(per_class), "--top-k", "50", "--seed", "5",
@@ -73,19 +85,24 @@ def _invariance(tmp_path: Path, per_class: int, batch_sizes: tuple[int, ...]) ->
         runs[bs] = pngs(tmp_path / f"b{bs}")
     first = runs[batch_sizes[0]]
     assert len(first) == 10 * per_class
+    report = []
     for bs, images in runs.items():
-        differing = [n for n in first if images.get(n) != first[n]]
-        assert not differing, f"--batch-size {bs}: {len(differing)} PNGs differ from --batch-size {batch_sizes[0]}"
-    return len(first)
+        assert list(images) == list(first)
+        differing = [n for n in first if images[n] != first[n]]
+        worst = {n: int(np.abs(_pixels(images[n]) - _pixels(first[n])).max()) for n in differing}
+        assert all(w > 1 for w in worst.values()), f"--batch-size {bs}: decoding noise in {worst}"
+        assert len(differing) <= 0.05 * len(first), f"--batch-size {bs}: {len(differing)} of {len(first)} PNGs differ"
+        report += [f"b{bs}:{n}" for n in differing]
+    return report
 
 
-def test_batch_size_never_changes_a_png(tmp_path):
-    assert _invariance(tmp_path, per_class=3, batch_sizes=(1, 7, 16)) == 30
+def test_batch_size_changes_no_png_by_decoding_noise(tmp_path):
+    _invariance(tmp_path, per_class=3, batch_sizes=(1, 7, 16))
 
 
 @pytest.mark.slow  # 3 x 210 images: ~1 min on a busy core
-def test_batch_size_never_changes_a_png_over_210_images(tmp_path):
-    assert _invariance(tmp_path, per_class=21, batch_sizes=(1, 7, 16)) == 210
+def test_batch_size_changes_no_png_by_decoding_noise_over_210_images(tmp_path):
+    print("PNGs that differ by a token flip:", _invariance(tmp_path, per_class=21, batch_sizes=(1, 7, 16)))
 
 
 def test_two_processes_through_accelerate_give_the_same_images(tmp_path):
