@@ -2,9 +2,11 @@
 
   python -m benchmarks.readme_tables            # rewrite README.md between its <!-- NAME:start/end --> markers
   python -m benchmarks.readme_tables --check    # exit 1 if README.md is out of date (the test suite runs this)
+  python -m benchmarks.readme_tables --print engine-small   # one block's Markdown, for pasting
 
-Each block is produced from one JSON file: the sampler table from benchmarks/results/benchmark_fmnist.json
-(benchmarks/benchmark.py), the model card from checkpoints/fmnist/model_card.json.
+Each block is produced from one JSON file: the sampler tables from benchmarks/results/*.json
+(benchmarks/benchmark.py; `markdown_table` reads both the protocol-2 layout and the older one), the model
+card from checkpoints/fmnist/model_card.json. This module also writes a benchmark's JSON, Markdown and PNG.
 """
 from __future__ import annotations
 
@@ -14,8 +16,8 @@ import re
 import sys
 from pathlib import Path
 
-from benchmarks.benchmark import markdown_table
-from training.atomic import atomic_write_text
+from benchmarks.plotting import bar_panel, save_panels
+from training.atomic import atomic_write_json, atomic_write_text
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -67,21 +69,182 @@ def proxy_quality(name: str) -> dict | None:
             "seed": settings["seed"]}
 
 
+# ---- benchmark tables ------------------------------------------------------------------------------------------
+def markdown_table(results: dict) -> str:
+    """The Markdown report of a benchmarks/benchmark.py result (protocol 2, or the older layout)."""
+    return engine_table(results) if results["meta"].get("protocol") == 2 else v1_table(results)
+
+
+def _ms(seconds: float) -> str:
+    return f"{1000 * seconds:.1f}"
+
+
+def _x(value) -> str:
+    return "—" if value is None else f"{value:.2f}x"
+
+
+REFERENCE_RATIOS = (("speedup_vs_reference_generation_only", "generation only"),
+                    ("speedup_vs_reference_decoder_subtracted", "decoder-subtracted"),
+                    ("speedup_vs_reference_full_pipeline", "full pipeline"))
+
+
+def engine_table(results: dict) -> str:
+    m = results["meta"]
+    rows = results["rows"]
+    load = m.get("load_average_start")
+    lines = [f"Measured {m['date']} on {m['device']} ({m['gpu'] or m['machine']}, {m['cpu_count']} cores, "
+             f"{m['torch_threads']} torch threads, OMP_NUM_THREADS={m['omp_num_threads']}, load average "
+             f"{load[0] if load else '?'} at start and {(m.get('load_average_end') or ['?'])[0]} at the end); "
+             f"model {m['models']['var']} (depth {m['depth']}, width {m['width']}, V={m['vocab_size']}, "
+             f"{len(m['patch_nums'])} scales), cfg {m['sampling']['cfg']}, top-k {m['sampling']['top_k']}, "
+             f"top-p {m['sampling']['top_p']}; {'images decoded' if m['decode'] else 'generation only (no decode)'}; "
+             f"median of {m['repeats']} interleaved rounds after {m['warmup']} warm-up call(s); "
+             f"ratios against `{m['baseline']}` from the same rounds.", "",
+             "| sampler | batch | ms / image | IQR / median | speed-up | vs public loop | forwards | KV MiB (ratio) | "
+             "PSNR vs baseline | token agreement | proxy FD | proxy acc. |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        noisy = " **noisy**" if r["noisy"] else (" (re-measured)" if r.get("remeasured") else "")
+        if r["kind"] == "reference" and not r["decoded"]:
+            name, vs = "public VAR loop, its decoder never called", "—"
+        elif r["kind"] == "reference":
+            name = "public VAR loop, full call (decodes)"
+            vs = (f"its decoder alone: {_ms(r['decoder']['median_s'] / r['batch'])} ms / image, so generation "
+                  f"{_ms(r['generation_only']['median_s'] / r['batch'])} ms / image")
+        elif r["kind"] == "decoder":
+            name, vs = "our decoder alone", "—"
+        else:
+            name = f"`{r['sampler']}`"
+            parts = [f"{_x(r[key])} {label}" for key, label in REFERENCE_RATIOS if key in r]
+            vs = "; ".join(parts) or "—"
+        forwards = ", ".join(f"{k} {v}" for k, v in r.get("forwards", {}).items()) or "—"
+        kv = (f"{r['kv_bytes_peak'] / 2**20:.2f} ({r['kv_bytes_ratio_vs_baseline']:.2f})"
+              if "kv_bytes_ratio_vs_baseline" in r else "—")
+        p = r.get("psnr_vs_baseline_db")
+        psnr_text = "—" if p is None else ("identical" if p == float("inf") else f"{p:.1f} dB")
+        agree = f"{r['token_agreement_vs_baseline']:.3f}" if "token_agreement_vs_baseline" in r else "—"
+        proxy = (f"{r['proxy_fd']:.2f} | {100 * r['proxy_accuracy']:.1f}%" if "proxy_fd" in r else "— | —")
+        lines.append(f"| {name} | {r['batch']} | {_ms(r['per_image_s'])} | {100 * r['iqr_frac']:.0f}%{noisy} | "
+                     f"{_x(r['speedup_vs_baseline'])} | {vs} | {forwards} | {kv} | {psnr_text} | {agree} | {proxy} |")
+    notes = []
+    compiled = [r for r in rows if "compile_s" in r]
+    if compiled:
+        notes.append("Compilation (first call minus a warm call, per batch size): " + "; ".join(
+            f"`{r['sampler']}` batch {r['batch']}: {r['compile_s']:.1f} s" for r in compiled) + ".")
+    eff = [r for r in rows if "transformer" in r]
+    if eff:
+        notes.append("Transformer efficiency of the baseline (blocks + head, timed per call; FLOPs from torch's "
+                     "FlopCounterMode): " + "; ".join(
+                         f"batch {r['batch']}: {r['transformer']['achieved_flops_per_s'] / 1e9:.1f} GFLOP/s = "
+                         f"{100 * r['transformer']['fraction_of_matmul_peak']:.1f}% of the matmul peak measured in "
+                         f"this run ({m['matmul_peak_flops'] / 1e9:.0f} GFLOP/s, {m['matmul_peak_size']}² fp32), "
+                         f"{100 * r['transformer']['share_of_wall']:.0f}% of the wall time" for r in eff) + ".")
+    for batch, checks in results.get("checks", {}).items():
+        c = checks.get("reference_equality")
+        if c:
+            notes.append(f"Batch {batch}: `default:rng=reference` and the public loop on the same weights and seed "
+                         + (f"give bitwise identical {c['compared']}." if c["bitwise_equal"] else
+                            f"give {c['compared']} that differ by at most {c['max_abs_diff']:.1e} (float "
+                            f"rounding; one differing token would move them by a whole code)."))
+    if not m["decode"] and any(r["kind"] == "reference" for r in rows):
+        notes.append("The public loop always decodes. \"generation only\": its own loop with the reference "
+                     "VQVAE's `fhat_to_img` shadowed for the benchmark (the decoder is never called). "
+                     "\"decoder-subtracted\": its full call minus its decoder timed alone on a latent of the same "
+                     "shape right after it in every round. \"full pipeline\": its full call vs ours plus our "
+                     "decoder (its own row).")
+    if any(r["noisy"] for r in rows):
+        notes.append(f"**noisy**: IQR above {100 * m['noise_threshold']:.0f}% of the median even after one "
+                     "re-measurement with twice the rounds (the machine is shared).")
+    return "\n".join(lines + [""] + [n for note in notes for n in (note, "")]).rstrip("\n") + "\n"
+
+
+def v1_table(results: dict) -> str:
+    """Result files written before protocol 2 (one table layout, kept so their README blocks stay as they are)."""
+    m = results["meta"]
+    lines = [f"Measured {m['date']} on {m['device']} ({m['gpu'] or m['machine']}, {m['cpu_count']} cores, "
+             f"{m['torch_threads']} torch threads), model {m['models']['var']}, cfg {m['sampling']['cfg']}, "
+             f"top-k {m['sampling']['top_k']}, top-p {m['sampling']['top_p']}, median of {m['repeats']} runs.",
+             "", "| sampler | batch | ms / image | speed-up | forwards | KV bytes (ratio) | PSNR vs default | "
+                 "token agreement | proxy FD | proxy acc. |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results["rows"]:
+        forwards = ", ".join(f"{k} {v}" for k, v in r["forwards"].items())
+        psnr_text = "—" if "psnr_vs_default_db" not in r else (
+            "identical" if r["psnr_vs_default_db"] == float("inf") else f"{r['psnr_vs_default_db']:.1f} dB")
+        lines.append(f"| `{r['sampler']}` | {r['batch']} | {1000 * r['per_image_s']:.1f} ± {1000 * r['iqr_s'] / r['batch']:.1f} | "
+                     f"{r['speedup_vs_default']:.2f}x | {forwards} | {r['kv_bytes_peak'] / 2**20:.2f} MiB "
+                     f"({r['kv_bytes_ratio_vs_default']:.2f}) | {psnr_text} | {r['token_agreement_vs_default']:.3f} | "
+                     + (f"{r['proxy_fd']:.2f} | {100 * r['proxy_accuracy']:.1f}% |" if "proxy_fd" in r else "— | — |"))
+    if any("proxy_fd" in r for r in results["rows"]):
+        n = next(r["proxy_images"] for r in results["rows"] if "proxy_fd" in r)
+        lines += ["", f"Proxy columns: {n} class-balanced images per sampler at the largest batch size, scored by the "
+                      "offline Fashion-MNIST classifier (Fréchet distance in its features vs the real test set; "
+                      "accuracy on the intended labels). Not FID. PSNR and token agreement compare with the default "
+                      "sampler's images for the same seeds: meaningful for samplers that follow the same sample path "
+                      "(ScaleKV, CoDe's early scales); exact samplers with their own randomness (sjd, flow) are judged "
+                      "by the proxy columns."]
+    default_rows = [r for r in results["rows"] if "fraction_of_matmul_peak" in r]
+    if default_rows:
+        lines += ["", "Default sampler efficiency: " + "; ".join(
+            f"batch {r['batch']}: {r['achieved_flops_per_s'] / 1e9:.1f} GFLOP/s = "
+            f"{100 * r['fraction_of_matmul_peak']:.1f}% of the measured matmul peak "
+            f"({m['matmul_peak_flops'] / 1e9:.0f} GFLOP/s)" for r in default_rows)]
+    if "reference" in results:
+        lines += ["", "Public reference loop: " + "; ".join(
+            f"batch {r['batch']}: ours {r['speedup_vs_reference']:.2f}x its speed" for r in results["reference"])]
+    return "\n".join(lines) + "\n"
+
+
+def chart_panels(results: dict):
+    """Speed-up vs the baseline per batch and, with the public loop in the run, ours vs it."""
+    rows = results["rows"]
+    batches = sorted({r["batch"] for r in rows})
+    if results["meta"].get("protocol") != 2:
+        return [bar_panel([(f"batch {b}", [(r["sampler"], r["speedup_vs_default"]) for r in rows if r["batch"] == b])
+                           for b in batches], "speed-up vs default sampler (same run)", ref_line=1.0, ylabel="x")]
+    ours = [r for r in rows if r["kind"] == "ours"]
+    panels = [bar_panel([(f"batch {b}", [(r["sampler"], r["speedup_vs_baseline"]) for r in ours if r["batch"] == b])
+                         for b in batches], f"speed-up vs {results['meta']['baseline']} (same rounds)",
+                        ref_line=1.0, ylabel="x")]
+    groups = [(f"batch {b}, {label}", [(r["sampler"], r[key]) for r in ours if r["batch"] == b and key in r])
+              for key, label in REFERENCE_RATIOS for b in batches]
+    groups = [g for g in groups if g[1]]
+    if groups:
+        panels.append(bar_panel(groups, "ours vs the public VAR loop (same weights, same rounds)", ref_line=1.0,
+                                ylabel="x"))
+    return panels
+
+
+def write_outputs(results: dict, out: Path) -> None:
+    atomic_write_json(out.with_suffix(".json"), results)
+    atomic_write_text(out.with_suffix(".md"), markdown_table(results))
+    save_panels(chart_panels(results), out.with_suffix(".png"), cols=1)
+
+
+RESULTS = REPO / "benchmarks" / "results"
 BLOCKS = {
-    "bench": (REPO / "eval" / "results" / "benchmark_fmnist.json", markdown_table),
-    "bench-sjd-dd": (REPO / "eval" / "results" / "benchmark_fmnist_sjd_dd.json", markdown_table),
-    "bench-official": (REPO / "eval" / "results" / "benchmark_d16.json", markdown_table),
+    "bench": (RESULTS / "benchmark_fmnist.json", lambda r: markdown_table(r)),
+    "bench-sjd-dd": (RESULTS / "benchmark_fmnist_sjd_dd.json", lambda r: markdown_table(r)),
+    "bench-official": (RESULTS / "benchmark_d16.json", lambda r: markdown_table(r)),
+    "engine-small": (RESULTS / "engine_small_10scale.json", lambda r: markdown_table(r)),
+    "engine-d16": (RESULTS / "engine_d16.json", lambda r: markdown_table(r)),
+    "engine-fmnist": (RESULTS / "engine_fmnist.json", lambda r: markdown_table(r)),
     "model-card": (REPO / "checkpoints" / "fmnist" / "model_card.json", model_card_markdown),
 }
 
 
+def block(name: str) -> str:
+    """The generated body of one README block (between its markers)."""
+    path, make = BLOCKS[name]
+    body = make(json.loads(path.read_text())) if path.is_file() else f"_{path.relative_to(REPO)} not measured yet._\n"
+    return f"<!-- generated by `python -m benchmarks.readme_tables` from {path.relative_to(REPO)} -->\n{body}"
+
+
 def render(readme: str) -> str:
-    for name, (path, make) in BLOCKS.items():
+    for name in BLOCKS:
         pattern = re.compile(rf"(<!-- {name}:start -->\n).*?(<!-- {name}:end -->)", re.S)
         if not pattern.search(readme):
             continue
-        body = make(json.loads(path.read_text())) if path.is_file() else f"_{path.relative_to(REPO)} not measured yet._\n"
-        body = f"<!-- generated by `python -m benchmarks.readme_tables` from {path.relative_to(REPO)} -->\n{body}"
+        body = block(name)
         readme = pattern.sub(lambda m: m.group(1) + body + m.group(2), readme)
     return readme
 
@@ -90,7 +253,11 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--readme", default=str(REPO / "README.md"))
     p.add_argument("--check", action="store_true", help="only report whether the README is up to date")
+    p.add_argument("--print", dest="show", choices=sorted(BLOCKS), help="print one block, markers included")
     args = p.parse_args(argv)
+    if args.show:
+        print(f"<!-- {args.show}:start -->\n{block(args.show)}<!-- {args.show}:end -->")
+        return 0
     path = Path(args.readme)
     current = path.read_text()
     fresh = render(current)

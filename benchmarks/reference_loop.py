@@ -1,12 +1,23 @@
-"""Time the public VAR release's own sampling loop (`autoregressive_infer_cfg`) on the very same weights,
-for `benchmarks/benchmark.py --reference-checkout PATH`. Nothing of that code is vendored: the user points at
-a checkout of github.com/FoundationVision/VAR (it needs `huggingface_hub` importable, as its requirements
-say). Its tokenizer architecture is fixed, so this works with the official tokenizer shape
-(`--official-shape var_d16` or the official checkpoints)."""
+"""The public VAR release's own sampling loop (`autoregressive_infer_cfg`) on the very same weights, as a
+baseline contender of `benchmarks/benchmark.py --reference-checkout PATH --sampler reference`.
+
+Nothing of that code is vendored: the user points at a checkout of github.com/FoundationVision/VAR (it needs
+`huggingface_hub` importable, as its requirements say), imported only while the benchmark runs. Its tokenizer
+architecture is fixed, so this works with the official tokenizer shape (`--official-shape var_d16`, with
+`--var-override` for smaller transformers).
+
+The public loop always decodes its latent into images at the end. Two honest ways to leave that out, neither
+re-implementing the loop (both run its own `autoregressive_infer_cfg` unchanged):
+- `--sampler reference` with `--no-decode`: the reference VQVAE's `fhat_to_img` is shadowed, on that instance
+  and only for the benchmark, by a function returning the latent itself, so the loop runs as released up to
+  f_hat and its decoder is never called (generation only, measured directly);
+- `--sampler reference:full`: the whole call (it decodes), then, right after it in the same round, its
+  decoder alone on a latent of the same shape; "generation only" is then the paired difference, labelled as
+  decoder-subtracted wherever it is reported.
+"""
 from __future__ import annotations
 
 import importlib
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -17,7 +28,8 @@ import torch
 def _import_reference(checkout: str):
     root = Path(checkout).resolve()
     if not (root / "models" / "var.py").is_file():
-        raise FileNotFoundError(f"{root} is not a checkout of the public VAR repository (no models/var.py)")
+        raise FileNotFoundError(f"--reference-checkout {root} is not a checkout of the public VAR repository "
+                                f"(no models/var.py); clone github.com/FoundationVision/VAR and point at it")
     sys.path.insert(0, str(root))
     try:
         return importlib.import_module("models.var"), importlib.import_module("models.vqvae")
@@ -49,30 +61,46 @@ def build_reference(checkout: str, var, vae):
     return ref_var.eval()
 
 
-@torch.no_grad()
-def time_reference_loop(checkout: str, var, vae, batch_sizes, sample_kwargs, warmup: int, repeats: int,
-                        device: torch.device, our_rows: list[dict]) -> list[dict]:
-    ref_var = build_reference(checkout, var, vae)
-    autocast = device.type == "cuda"
-    rows = []
-    for batch in batch_sizes:
-        labels = torch.arange(batch, device=device) % var.num_classes
-        times = []
-        for i in range(warmup + repeats):
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class ReferenceContender:
+    """One timed call = the public loop's call. `full`: it decodes, and its decoder is then timed alone on a
+    latent of the same shape, so every round yields a paired (full, decoder) measurement."""
+    kind = "reference"
+
+    def __init__(self, ref_var, batch: int, labels_B: torch.Tensor, seed: int, sampling: dict, full: bool):
+        self.ref_var, self.batch, self.labels_B, self.seed, self.sampling = ref_var, batch, labels_B, seed, sampling
+        self.full = full  # False: the decoder is shadowed and the call returns (f_hat + 1) / 2
+        device = labels_B.device
+        side = ref_var.patch_nums[-1]
+        gen = torch.Generator(device=device).manual_seed(seed)
+        self.f_hat = torch.randn(batch, ref_var.Cvae, side, side, device=device, generator=gen)
+        self.decoder_times: list[float] = []
+        self.images = None
+
+    @torch.no_grad()
+    def __call__(self) -> float:
+        device = self.labels_B.device
+        vae = self.ref_var.vae_proxy[0]
+        if not self.full:
+            vae.fhat_to_img = lambda f_hat: f_hat.clone()  # the loop's last line then only de-normalises f_hat
+        try:
+            _sync(device)
             start = time.perf_counter()
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-                ref_var.autoregressive_infer_cfg(B=batch, label_B=labels, g_seed=i, cfg=sample_kwargs["cfg"],
-                                                 top_k=sample_kwargs["top_k"], top_p=sample_kwargs["top_p"],
-                                                 more_smooth=False)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            if i >= warmup:
-                times.append(time.perf_counter() - start)
-        ours = next(r for r in our_rows if r["batch"] == batch and r["sampler"] == "default")
-        median = statistics.median(times)
-        # the reference always decodes images; ours decodes too unless the benchmark skipped it
-        rows.append({"batch": batch, "reference_median_s": median, "ours_median_s": ours["median_s"],
-                     "speedup_vs_reference": median / ours["median_s"], "ours_decoded": "psnr_vs_default_db" in ours})
-    return rows
+            self.images = self.ref_var.autoregressive_infer_cfg(
+                B=self.batch, label_B=self.labels_B, g_seed=self.seed, cfg=self.sampling["cfg"],
+                top_k=self.sampling["top_k"], top_p=self.sampling["top_p"], more_smooth=False)
+            _sync(device)
+            full = time.perf_counter() - start
+        finally:
+            vae.__dict__.pop("fhat_to_img", None)
+        if not self.full:
+            return full
+        start = time.perf_counter()
+        self.ref_var.vae_proxy[0].fhat_to_img(self.f_hat)
+        _sync(device)
+        self.decoder_times.append(time.perf_counter() - start)
+        return full
