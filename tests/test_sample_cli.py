@@ -64,6 +64,15 @@ def test_base_seed_changes_every_image_and_repeats_bitwise(tmp_path):
     assert all(a[name] != b[name] for name in a), "a new --seed must change every image"
 
 
+def test_precision_is_handed_to_the_sampler_and_fp32_matches_the_cpu_default(tmp_path):
+    args = ("--classes", "4", "--per-class", "2")
+    sample(tmp_path / "default", *args)
+    sample(tmp_path / "fp32", *args, "--precision", "fp32")
+    assert pngs(tmp_path / "fp32") == pngs(tmp_path / "default") and len(pngs(tmp_path / "fp32")) == 2
+    record = json.loads((tmp_path / "fp32" / "sample_config.json").read_text())
+    assert record["settings"]["precision"] == "fp32" and record["fingerprint"]["precision"] == "fp32"
+
+
 # ---- batch-size / process-count invariance --------------------------------------------------------------
 # Decoding is bitwise batch-invariant (fixed padded chunks). The transformer is not: its batched matmuls give
 # logits ~1e-5 apart across batch sizes, which now and then moves a draw across a boundary (measured: 3 of
