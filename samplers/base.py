@@ -133,6 +133,7 @@ class Sampler(nn.Module):
             raise ValueError(f"rng must be 'fast' (exact law, top-k candidates) or 'reference' (the public loop's "
                              f"random draws bitwise), got {rng!r}")
         self.compile, self.precision, self.rng = compile, precision, rng
+        self._cache_pool: dict = {}  # compiled samplers keep their caches (static addresses) between calls
         self.accelerators = sorted(accelerators, key=lambda a: min(
             (SLOT_ORDER.index(s) for s in a.owned_slots()), default=len(SLOT_ORDER)))
         owners: dict[str, str] = {}
@@ -206,7 +207,7 @@ class Sampler(nn.Module):
     def build_plan(self) -> Plan:
         K = self.num_scales
         plan = Plan(stages=[VARStage("var", self.var, 0, K)], token_rule=CategoricalDraw(), compile=self.compile,
-                    cache_dtype=PRECISIONS[self.precision])
+                    cache_dtype=PRECISIONS[self.precision], cache_pool=self._cache_pool if self.compile else None)
         for acc in self.accelerators:
             acc.configure(plan, self)
         return plan

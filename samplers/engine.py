@@ -132,6 +132,9 @@ class Plan:
     speculation: Speculation | None = None
     compile: str | None = None  # torch.compile mode of every VAR stage's per-scale forward
     cache_dtype: torch.dtype | None = None
+    # Caches kept across calls, keyed by (stage, model, rows): cleared, not reallocated, so compiled graphs and
+    # CUDA graphs see the same buffer addresses again and replay (None: a new cache per call).
+    cache_pool: dict | None = None
 
 
 @dataclass
@@ -148,7 +151,14 @@ class _Running:
         model = stage.model
         self.stage, self.model = stage, model
         self.cond_2BD = conditions(model, labels_B)
-        self.cache = model.new_cache(dtype=plan.cache_dtype)
+        key = (stage.name, id(model), labels_B.shape[0], plan.cache_dtype)
+        if plan.cache_pool is None:
+            self.cache = model.new_cache(dtype=plan.cache_dtype)
+        else:
+            if key not in plan.cache_pool:
+                plan.cache_pool[key] = model.new_cache(dtype=plan.cache_dtype)
+            self.cache = plan.cache_pool[key]
+            self.cache.clear()
         self.run_blocks = compile_blocks(model, plan.compile)
         self.policy = plan.kv_policies.get(stage.name)
         self.queries: list[torch.Tensor | None] = [None] * model.depth
