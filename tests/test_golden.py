@@ -214,3 +214,21 @@ def test_phi_index_tables(G):
     for key, expected in tables.items():
         k, sn = (int(part[1:]) if part[0] == "K" else int(part[2:]) for part in key.split("_"))
         assert phi_index_per_scale(k, sn) == list(expected), key
+
+
+@pytest.mark.parametrize("case", ["stochastic", "smooth"])
+def test_reference_rng_reproduces_the_public_loops_random_draws(G, case):
+    """rng='reference' replays the public loop's generator calls (one multinomial draw per scale, then the
+    exponential noise of the smooth path), so a seed gives the reference's tokens and f_hat exactly."""
+    var, vae = _var(G), _vae(G)
+    ref = G["rng_exact_optional"][case]
+    a = ref["args"]
+    out = build_sampler("default", var=var, vae=vae, rng="reference").sample(
+        G["gen_labels"], cfg=a["cfg"], top_k=a["top_k"], top_p=a["top_p"], more_smooth=a["more_smooth"],
+        seed=a["g_seed"], decode=False)
+    _eq_tokens(out.tokens, ref["idx_per_scale"])
+    torch.testing.assert_close(out.f_hat, ref["f_hat"], atol=1e-5, rtol=1e-5)
+    if case == "stochastic":  # the fast mode draws from the same law with its own random stream
+        fast = build_sampler("default", var=var, vae=vae).sample(G["gen_labels"], cfg=a["cfg"], top_k=a["top_k"],
+                                                                  top_p=a["top_p"], seed=a["g_seed"], decode=False)
+        assert not all(torch.equal(x, y) for x, y in zip(fast.tokens, ref["idx_per_scale"]))
