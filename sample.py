@@ -35,6 +35,7 @@ from einops import rearrange
 from PIL import Image
 
 from samplers import available_samplers, build_sampler, sampler_class
+from samplers.base import split_names
 from samplers.cli import (SHIPPED, check_file, check_resume, class_list, clear_outputs, load_models, models_for,
                           nonneg_float, nonneg_int, parse_model_specs, parse_sampler_args, parse_var_overrides,
                           positive_int, temperature_list, unit_float, write_fingerprint)
@@ -43,6 +44,7 @@ from samplers.seeding import image_seed
 from training.atomic import atomic_write, atomic_write_json, file_sha256
 from training.checkpoint import read_metadata
 from training.errors import make_parser, run_cli
+from training.images import to_rgb_uint8
 
 REPO = Path(__file__).resolve().parent
 # f_hat is decoded this many images at a time, padded with zeros: convolution kernels pick their algorithm
@@ -124,8 +126,8 @@ def check_input_file(path: str | None, flag: str) -> None:
 def validate(args) -> tuple[type, dict, dict[str, str], dict[str, str], dict]:
     """Every check that needs no model, so a bad command fails before anything is loaded or written.
     Returns the sampler class, its options, the local --var/--vae and --model paths, the --var-override values."""
-    if args.edit_image or args.edit_mask:
-        args.sampler = "edit"
+    if (args.edit_image or args.edit_mask) and "edit" not in split_names(args.sampler):
+        args.sampler = "+".join(split_names(args.sampler) + ["edit"])  # e.g. code -> code+edit
     if args.classes is not None and args.all_classes:
         raise ValueError("give --classes or --all-classes, not both")
     sampler_cls = sampler_class(args.sampler)
@@ -136,7 +138,7 @@ def validate(args) -> tuple[type, dict, dict[str, str], dict[str, str], dict]:
     local = {"var": check_file(args.var, "VAR"), "vae": check_file(args.vae, "tokenizer")}
     check_input_file(args.edit_image, "--edit-image")
     check_input_file(args.edit_mask, "--edit-mask")
-    if args.sampler == "edit" and not (args.edit_image and args.edit_mask):
+    if "edit" in split_names(args.sampler) and not (args.edit_image and args.edit_mask):
         raise ValueError("editing needs both --edit-image and --edit-mask")
     if args.eval_card:
         if args.no_npz or not (args.proxy_classifier or args.inception):
@@ -155,10 +157,11 @@ def load_edit_inputs(args, side: int, device: torch.device) -> tuple[torch.Tenso
     if not (args.edit_image and args.edit_mask):
         raise ValueError("editing needs both --edit-image and --edit-mask")
     tensors = []
-    for path, mode in ((args.edit_image, "RGB"), (args.edit_mask, "L")):
+    for path, is_mask in ((args.edit_image, False), (args.edit_mask, True)):
         try:
             with Image.open(path) as im:
-                array = np.asarray(im.convert(mode), dtype=np.float32) / 255.0
+                rgb = to_rgb_uint8(im, str(path))  # 16-bit, alpha, palette... decoded as everywhere else
+            array = (rgb[..., 0] if is_mask else rgb).astype(np.float32) / 255.0
         except (OSError, ValueError) as err:
             raise ValueError(f"cannot read {path} ({err}); give a PNG or JPEG file") from err
         if array.shape[:2] != (side, side):
@@ -210,7 +213,7 @@ def read_pngs(folder: Path, count: int) -> np.ndarray:
         path = folder / f"{i:06d}.png"
         try:
             with Image.open(path) as im:
-                arrays.append(np.asarray(im.convert("RGB")))
+                arrays.append(to_rgb_uint8(im, str(path)))
         except (OSError, ValueError) as err:
             raise RuntimeError(f"sample {path} is unreadable ({err}); delete it and rerun to regenerate it") from err
     return np.stack(arrays)
@@ -275,7 +278,8 @@ def run(args) -> Path:
         check_sampling_args(args.cfg, args.top_k, args.top_p, temperature, var.config.vocab_size, var.num_scales)
     except ValueError as err:
         raise ValueError(f"{err} (flags --cfg, --top-k, --top-p, --temperature)") from err
-    edit_inputs = load_edit_inputs(args, vae.config.image_size, acc.device) if args.sampler == "edit" else None
+    edit_inputs = (load_edit_inputs(args, vae.config.image_size, acc.device)
+                   if "edit" in split_names(args.sampler) else None)
     out = Path(args.out)
     fp = fingerprint(args, sampler_args, local, extra_paths, var_overrides, classes, temperature, acc.device)
     check_resume(out, fp, args.overwrite)
@@ -359,11 +363,13 @@ def list_samplers() -> str:
     lines = []
     for name in available_samplers():
         cls = sampler_class(name)
-        opts = ", ".join(f"{k}: {t.__name__}" for k, t in cls.options.items()) or "no options"
+        opts = ", ".join(f"{k}: {t.__name__}" for k, t in cls.options.items() if "." not in k) or "no options"
         extra = f"; needs --model {', '.join(n + '=PATH' for n in cls.extra_models)}" if cls.extra_models else ""
         if cls.optional_models:
             extra += f"; can use --model {', '.join(n + '=PATH' for n in cls.optional_models)}"
         lines.append(f"{name:12s} {opts}{extra}")
+    lines.append("stack accelerators with '+' (e.g. --sampler code+scalekv); an option two of them share is given "
+                 "as --sampler-arg NAME.OPTION=VALUE (e.g. scalekv.calibration=...)")
     return "\n".join(lines)
 
 
