@@ -369,7 +369,8 @@ def run_batch(specs: list[Spec], baseline: str, var, vae, extras, batch: int, ar
     if args.no_decode and any(c.kind == "reference" and c.full for c in contenders.values()) and base_c.kind == "ours":
         base_c()
         contenders["decoder (ours)"] = DecoderContender(base_c.sampler, base_c.out.f_hat)
-    times, first = measure(contenders, args.repeats, args.warmup, meter, baseline)
+    repeats = dict(args.batch_repeats).get(batch, args.repeats)
+    times, first = measure(contenders, repeats, args.warmup, meter, baseline)
     rows = {k: row_of(k, c, batch, times[k], first, args) for k, c in contenders.items()}
     for k in rows:
         compare(rows[k], rows[baseline], contenders[k], base_c)
@@ -377,7 +378,7 @@ def run_batch(specs: list[Spec], baseline: str, var, vae, extras, batch: int, ar
     if (noisy or rows[baseline]["noisy"]) and args.remeasure:
         again = {k: contenders[k] for k in [baseline] + noisy}
         meter_again = TransformerMeter(var) if meter is not None else None
-        times2, _ = measure(again, 2 * args.repeats, 0, meter_again, baseline)
+        times2, _ = measure(again, 2 * repeats, 0, meter_again, baseline)
         base2 = row_of(baseline, base_c, batch, times2[baseline], {}, args)
         for k in again:
             new = row_of(k, contenders[k], batch, times2[k], first, args) if k != baseline else base2
@@ -447,7 +448,8 @@ def run(args) -> dict:
                        **{k: _shown(v) for k, v in (m.split("=", 1) for m in args.model)}},
             "patch_nums": list(var.patch_nums), "vocab_size": var.config.vocab_size, "depth": var.depth,
             "width": var.embed_dim, "sampling": sampling, "seed": args.seed, "seeding": "one generator per batch",
-            "warmup": args.warmup, "repeats": args.repeats, "decode": not args.no_decode, "baseline": args.baseline,
+            "warmup": args.warmup, "repeats": args.repeats,
+            "batch_repeats": dict(args.batch_repeats), "remeasure": args.remeasure, "decode": not args.no_decode, "baseline": args.baseline,
             "interleaving": "rounds alternate ABC, CBA", "noise_threshold": args.noise_threshold,
             "argv": sys.argv[1:] if args.argv is None else args.argv}
     peak_before = matmul_peak_flops(device, dtype, args.peak_matmul_size)
@@ -505,6 +507,16 @@ def _jsonable(obj):
     return obj if isinstance(obj, (int, float, str, bool, type(None))) else str(obj)
 
 
+def _batch_repeats(text: str) -> list[tuple[int, int]]:
+    try:
+        pairs = [tuple(int(v) for v in item.split("=")) for item in text.split(",") if item]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected B=N[,B=N...] (e.g. 8=1), got {text!r}") from None
+    if any(len(p) != 2 or p[1] < 1 for p in pairs):
+        raise argparse.ArgumentTypeError(f"expected B=N[,B=N...] with N >= 1, got {text!r}")
+    return pairs
+
+
 def build_parser() -> argparse.ArgumentParser:
     from training.errors import make_parser
 
@@ -528,6 +540,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--batch-repeats", type=_batch_repeats, default=[], metavar="B=N,...",
+                   help="other --repeats for some batch sizes (slow shapes), e.g. 8=1")
     p.add_argument("--noise-threshold", type=float, default=0.10, help="IQR / median above which a row is noisy")
     p.add_argument("--no-remeasure", dest="remeasure", action="store_false", help="do not re-measure noisy rows")
     p.add_argument("--num-threads", type=int, default=None, help="torch.set_num_threads (also set OMP_NUM_THREADS)")

@@ -91,6 +91,7 @@ REFERENCE_RATIOS = (("speedup_vs_reference_generation_only", "generation only"),
 def engine_table(results: dict) -> str:
     m = results["meta"]
     rows = results["rows"]
+    has_ref = any(r["kind"] == "reference" for r in rows)
     load = m.get("load_average_start")
     lines = [f"Measured {m['date']} on {m['device']} ({m['gpu'] or m['machine']}, {m['cpu_count']} cores, "
              f"{m['torch_threads']} torch threads, OMP_NUM_THREADS={m['omp_num_threads']}, load average "
@@ -98,11 +99,13 @@ def engine_table(results: dict) -> str:
              f"model {m['models']['var']} (depth {m['depth']}, width {m['width']}, V={m['vocab_size']}, "
              f"{len(m['patch_nums'])} scales), cfg {m['sampling']['cfg']}, top-k {m['sampling']['top_k']}, "
              f"top-p {m['sampling']['top_p']}; {'images decoded' if m['decode'] else 'generation only (no decode)'}; "
-             f"median of {m['repeats']} interleaved rounds after {m['warmup']} warm-up call(s); "
+             f"median of {m['repeats']} interleaved rounds" + "".join(f" ({n} at batch {b})" for b, n in
+                                                              m.get("batch_repeats", {}).items())
+             + f" after {m['warmup']} warm-up call(s); "
              f"ratios against `{m['baseline']}` from the same rounds.", "",
-             "| sampler | batch | ms / image | IQR / median | speed-up | vs public loop | forwards | KV MiB (ratio) | "
-             "PSNR vs baseline | token agreement | proxy FD | proxy acc. |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| sampler | batch | ms / image | IQR / median (rounds) | speed-up | " + ("vs public loop | " if has_ref else "")
+             + "forwards | KV MiB (ratio) | PSNR vs baseline | token agreement | proxy FD | proxy acc. |",
+             "|---" * (11 + has_ref) + "|"]
     for r in rows:
         noisy = " **noisy**" if r["noisy"] else (" (re-measured)" if r.get("remeasured") else "")
         if r["kind"] == "reference" and not r["decoded"]:
@@ -124,8 +127,9 @@ def engine_table(results: dict) -> str:
         psnr_text = "—" if p is None else ("identical" if p == float("inf") else f"{p:.1f} dB")
         agree = f"{r['token_agreement_vs_baseline']:.3f}" if "token_agreement_vs_baseline" in r else "—"
         proxy = (f"{r['proxy_fd']:.2f} | {100 * r['proxy_accuracy']:.1f}%" if "proxy_fd" in r else "— | —")
-        lines.append(f"| {name} | {r['batch']} | {_ms(r['per_image_s'])} | {100 * r['iqr_frac']:.0f}%{noisy} | "
-                     f"{_x(r['speedup_vs_baseline'])} | {vs} | {forwards} | {kv} | {psnr_text} | {agree} | {proxy} |")
+        lines.append(f"| {name} | {r['batch']} | {_ms(r['per_image_s'])} | {100 * r['iqr_frac']:.0f}% "
+                     f"({r['repeats']}){noisy} | {_x(r['speedup_vs_baseline'])} | " + (f"{vs} | " if has_ref else "")
+                     + f"{forwards} | {kv} | {psnr_text} | {agree} | {proxy} |")
     notes = []
     compiled = [r for r in rows if "compile_s" in r]
     if compiled:
