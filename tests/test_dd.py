@@ -327,3 +327,21 @@ def test_train_py_dd_job_resumes_exactly_and_exports_a_loadable_student(tmp_path
                                        [f"student={full}"], torch.device("cpu"))
     out = build_sampler("dd", var=teacher, vae=tok, **extras, schedule="2step").sample(torch.tensor([0, 1]), seed=0)
     assert isinstance(extras["student"], DDStudent) and out.stats.forwards == {"student": 2}
+
+
+def test_student_step_lists_generalise_the_1step_and_2step_schedules(pair):
+    var, vae = pair
+    student = DDStudent.from_teacher(var, t2=2).eval()
+    labels, K = torch.tensor([0, 3]), var.num_scales
+    kw = dict(seed=[5, 6], decode=False)
+    one = DDSampler(var, vae, student=student, schedule="1step").sample(labels, **kw)
+    two = DDSampler(var, vae, student=student, schedule="2step").sample(labels, **kw)
+    for steps, ref in (("0", one), ("0,2", two)):
+        out = DDSampler(var, vae, student=student, schedule=steps).sample(labels, **kw)
+        assert all(torch.equal(a, b) for a, b in zip(out.tokens, ref.tokens)) and torch.equal(out.f_hat, ref.f_hat)
+    many = DDSampler(var, vae, student=student, schedule=",".join(map(str, range(K)))).sample(labels, **kw)
+    assert many.stats.forwards == {"student": K} and many.stats.extra["steps"] == list(range(K))
+    with pytest.raises(ValueError, match="strictly increasing from 0"):
+        DDSampler(var, vae, student=student, schedule="1,3")
+    split = DDSampler(var, vae, student=student, loss_split=0).sample(labels, **kw)
+    assert split.stats.extra["continuous_scales"] == list(range(K))

@@ -52,8 +52,9 @@ def draw_noise(student: DDStudent, batch: int, generator, device) -> list[torch.
 class StudentRunner:
     """One student forward from (tokens of scales < t, noise of scales >= t) to per-scale outputs."""
 
-    def __init__(self, student: DDStudent, vae: VQVAE):
+    def __init__(self, student: DDStudent, vae: VQVAE, loss_split: int | None = None):
         self.student, self.vae = student, vae
+        self.loss_split = student.loss_split if loss_split is None else loss_split
 
     def codes(self, idx_Bl: torch.Tensor) -> torch.Tensor:
         return self.vae.quantize.embedding(idx_Bl).float()
@@ -74,7 +75,7 @@ class StudentRunner:
         for s, sl in enumerate(st.scale_slices()):
             if s < t:
                 idx, vec = tokens[s], self.codes(tokens[s])
-            elif s < st.loss_split:
+            elif s < self.loss_split:
                 idx = logits_BLV[:, sl].argmax(-1)
                 vec = self.codes(idx)
             else:
@@ -103,19 +104,34 @@ class StudentStage(OneShotStage):
         return [(tokens[s], None if self.snap else vecs[s]) for s in range(self.begin, self.end)]
 
 
+def step_list(schedule: str, num_scales: int) -> list[int]:
+    """"0,2,4" -> [0, 2, 4]: student steps, strictly increasing from 0, below the number of scales."""
+    try:
+        steps = [int(x) for x in schedule.split(",")]
+    except ValueError:
+        steps = []
+    if not steps or steps[0] != 0 or any(b <= a for a, b in zip(steps, steps[1:])) or steps[-1] >= num_scales:
+        raise ValueError(f"schedule must be one of {SCHEDULES} or student steps '0,t1,t2,...' strictly increasing "
+                         f"from 0 and below {num_scales} (e.g. '0,2,4'), got {schedule!r}")
+    return steps
+
+
 @register_sampler("dd")
 class DD(Accelerator):
     """Distilled decoding. Extra model: student (a DDStudent distilled from `var`). Options: schedule
-    (1step | 2step | teacher), teacher_start (first scale the teacher regenerates, teacher schedule only;
-    default t2 - 1). stats.forwards counts "student" and "var" (teacher) forwards separately."""
+    (1step | 2step | teacher | a comma list of student steps t_0=0 < t_1 < ... as in DD1, e.g. "0,2,4": step i
+    gives scales [t_i, t_i+1) from a forward with the scales < t_i as data; "0" is 1step, "0,t2" is 2step),
+    teacher_start (first scale the teacher regenerates, teacher schedule only; default t2 - 1), loss_split
+    (scales below it are read through the classifier head, the rest through the continuous head; -1: the
+    student's own). stats.forwards counts "student" and "var" (teacher) forwards separately."""
     slots = ("stages",)
     extra_models = ("student",)
 
-    def __init__(self, *, student: DDStudent | None = None, schedule: str = "1step", teacher_start: int | None = None):
+    def __init__(self, *, student: DDStudent | None = None, schedule: str = "1step", teacher_start: int | None = None,
+                 loss_split: int = -1):
         if student is None:
             raise ValueError("the dd sampler needs a distilled student (sample.py: --model student=PATH)")
-        if schedule not in SCHEDULES:
-            raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+        self.loss_split_option = loss_split
         if teacher_start is not None and schedule != "teacher":
             raise ValueError(f"teacher_start only applies to schedule='teacher', not {schedule!r}")
         self.student, self.schedule, self.teacher_start_option = student, schedule, teacher_start
@@ -123,12 +139,18 @@ class DD(Accelerator):
 
     def check(self, sampler, others) -> None:
         check_student(self.student, sampler.var, sampler.vae)
+        st, split = self.student, self.loss_split_option
+        self.steps = step_list(self.schedule, st.num_scales) if self.schedule not in SCHEDULES else None
+        if not 0 <= split <= st.num_scales and split != -1:
+            raise ValueError(f"loss_split must be in [0, {st.num_scales}] (or -1: the student's own {st.loss_split}), "
+                             f"got {split}")
+        self.loss_split = st.loss_split if split == -1 else split
         t2 = self.student.t2
         self.teacher_start = t2 - 1 if self.teacher_start_option is None else self.teacher_start_option
         if not 0 <= self.teacher_start < t2:
             raise ValueError(f"teacher_start must be in [0, t2 - 1] = [0, {t2 - 1}] (the student's t2 is {t2}), "
                              f"got {self.teacher_start_option}")
-        self.runner = StudentRunner(self.student, sampler.vae)
+        self.runner = StudentRunner(self.student, sampler.vae, self.loss_split)
         for o in others:
             if o.name in ("flow", "sjd"):
                 raise ValueError(f"dd+{o.name}: the student emits its scales in one forward from noise it draws "
@@ -138,7 +160,10 @@ class DD(Accelerator):
     def configure(self, plan: Plan, sampler) -> None:
         K, t2, s = sampler.num_scales, self.student.t2, self.teacher_start
         self.noise = None
-        if self.schedule == "1step":
+        if self.steps is not None:
+            ends = self.steps[1:] + [K]
+            plan.stages = [StudentStage(self, t, e, snap=e < K) for t, e in zip(self.steps, ends)]
+        elif self.schedule == "1step":
             plan.stages = [StudentStage(self, 0, K)]
         elif self.schedule == "2step":
             plan.stages = [StudentStage(self, 0, t2, snap=True), StudentStage(self, t2, K)]
@@ -155,8 +180,8 @@ class DD(Accelerator):
 
     def after_run(self, stats) -> None:
         st = self.student
-        stats.extra.update({"schedule": self.schedule, "t2": st.t2, "loss_split": st.loss_split,
-                            "continuous_scales": list(range(st.loss_split, st.num_scales)),
+        stats.extra.update({"schedule": self.schedule, "t2": st.t2, "loss_split": self.loss_split,
+                            "steps": self.steps, "continuous_scales": list(range(self.loss_split, st.num_scales)),
                             "teacher_start": self.teacher_start if self.schedule == "teacher" else None})
         self.noise = None
 
