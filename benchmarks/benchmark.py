@@ -95,6 +95,7 @@ class TransformerMeter:
 
     def __init__(self, var):
         self.var, self.calls_s, self.flops, self.counting = var, [], 0, False
+        self.rounds_s: list[float] = []  # transformer seconds of each metered call of the sampler
 
     def _wrap(self, fn):
         def timed(*args, **kwargs):
@@ -110,10 +111,12 @@ class TransformerMeter:
                 out = fn(*args, **kwargs)
             sync(device)
             self.calls_s.append(time.perf_counter() - start)
+            self.rounds_s[-1] += self.calls_s[-1]
             return out
         return timed
 
     def __enter__(self):
+        self.rounds_s.append(0.0)
         self.var.run_blocks = self._wrap(type(self.var).run_blocks.__get__(self.var))
         self.var.logits = self._wrap(type(self.var).logits.__get__(self.var))
         return self
@@ -366,6 +369,7 @@ def run_batch(specs: list[Spec], baseline: str, var, vae, extras, batch: int, ar
         meter.counting = False
         flops_per_row.append(meter.flops / batch)
         meter.calls_s.clear()
+        meter.rounds_s.clear()
     if args.no_decode and any(c.kind == "reference" and c.full for c in contenders.values()) and base_c.kind == "ours":
         base_c()
         contenders["decoder (ours)"] = DecoderContender(base_c.sampler, base_c.out.f_hat)
@@ -391,12 +395,12 @@ def run_batch(specs: list[Spec], baseline: str, var, vae, extras, batch: int, ar
     out = list(rows.values())
     if meter is not None and flops_per_row:
         b = rows[baseline]
-        per_call = meter.calls_s
-        transformer_s = sum(per_call) / max(1, b["repeats"])  # mean over the metered repeats
+        transformer_s = statistics.median(meter.rounds_s)
         b["transformer"] = {"flops": flops_per_row[0] * batch, "time_s": transformer_s,
-                            "share_of_wall": transformer_s / b["median_s"],
+                            "times_s": meter.rounds_s, "share_of_wall": statistics.median(
+                                t / w for t, w in zip(meter.rounds_s, b["times_s"])),
                             "achieved_flops_per_s": flops_per_row[0] * batch / transformer_s,
-                            "how": "blocks + head of the baseline's VAR, timed per call over its timed repeats; "
+                            "how": "blocks + head of the baseline's VAR, timed per call, summed per round, median over rounds; "
                                    "FLOPs from FlopCounterMode at the smallest batch, times rows"}
     decoder_row = rows.get("decoder (ours)")
     reference_ratios(out, decoder_row)
@@ -428,6 +432,11 @@ def run(args) -> dict:
         raise ValueError("a --sampler spec is given twice; give each once")
     if args.baseline not in labels:
         specs.insert(0, parse_spec(args.baseline))
+    for s in specs:  # refuse a missing model before anything is timed
+        if s.name != "reference":
+            missing = [m for m in sampler_class(s.name).extra_models if m not in extras]
+            if missing:
+                raise ValueError(f"--sampler {s.label!r} needs --model {missing[0]}=PATH")
     ref_var = None
     if any(s.name == "reference" for s in specs):
         if not args.reference_checkout:
