@@ -393,6 +393,7 @@ def run_batch(specs: list[Spec], baseline: str, var, vae, extras, batch: int, ar
         if meter_again is not None:
             meter = meter_again
     out = list(rows.values())
+    checks = {}
     if meter is not None and flops_per_row:
         b = rows[baseline]
         transformer_s = statistics.median(meter.rounds_s)
@@ -402,14 +403,28 @@ def run_batch(specs: list[Spec], baseline: str, var, vae, extras, batch: int, ar
                             "achieved_flops_per_s": flops_per_row[0] * batch / transformer_s,
                             "how": "blocks + head of the baseline's VAR, timed per call, summed per round, median over rounds; "
                                    "FLOPs from FlopCounterMode at the smallest batch, times rows"}
+    if args.profile:
+        checks["profiles"] = {k: profile_table(c, args.profile) for k, c in contenders.items() if c.kind != "decoder"}
     decoder_row = rows.get("decoder (ours)")
     reference_ratios(out, decoder_row)
-    checks = {}
     ref_c = next((c for c in contenders.values() if c.kind == "reference" and not c.full), None) or next(
         (c for c in contenders.values() if c.kind == "reference"), None)
     if ref_c is not None and args.check_reference:
         checks["reference_equality"] = check_against_reference(var, vae, labels_B, args.seed, sampling, ref_c)
     return out, checks
+
+
+def profile_table(contender, calls: int, rows: int = 15) -> dict:
+    """Where a contender's time goes: torch.profiler over `calls` more calls, operators by self CPU time."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(calls):
+            contender()
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events)
+    return {"calls": calls, "self_cpu_total_s": total / 1e6, "top_ops": [
+        {"op": e.key, "self_cpu_s": e.self_cpu_time_total / 1e6, "share": e.self_cpu_time_total / total,
+         "count": e.count} for e in events[:rows]]}
 
 
 def load_average() -> list[float] | None:
@@ -565,6 +580,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="path to a checkout of the public VAR repository, for --sampler reference")
     p.add_argument("--no-reference-check", dest="check_reference", action="store_false",
                    help="skip the check that our rng='reference' loop reproduces the public loop's images")
+    p.add_argument("--profile", type=int, default=0, metavar="CALLS",
+                   help="after timing, profile CALLS more calls of every contender (torch.profiler, top operators)")
     p.add_argument("--out", default="benchmarks/results/benchmark", help="output path without extension")
     p.add_argument("--markdown", default=None, metavar="JSON", help="only print the Markdown table of a result file")
     return p

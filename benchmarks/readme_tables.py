@@ -150,6 +150,11 @@ def engine_table(results: dict) -> str:
                          + (f"give bitwise identical {c['compared']}." if c["bitwise_equal"] else
                             f"give {c['compared']} that differ by at most {c['max_abs_diff']:.1e} (float "
                             f"rounding; one differing token would move them by a whole code)."))
+    for batch, checks in results.get("checks", {}).items():
+        for label, prof in checks.get("profiles", {}).items():
+            ops = ", ".join(f"`{o['op']}` {100 * o['share']:.0f}%" for o in prof["top_ops"][:4])
+            notes.append(f"Profile, `{short_label(label)}` at batch {batch} ({prof['calls']} calls, share of self CPU "
+                         f"time): {ops}.")
     if not m["decode"] and any(r["kind"] == "reference" for r in rows):
         notes.append("The public loop always decodes. \"generation only\": its own loop with the reference "
                      "VQVAE's `fhat_to_img` shadowed for the benchmark (the decoder is never called). "
@@ -198,6 +203,11 @@ def v1_table(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def short_label(spec: str) -> str:
+    """A spec with its file paths cut to the file names (legends stay readable)."""
+    return re.sub(r"[\w./-]*/([\w.-]+)", r"\1", spec)
+
+
 def chart_panels(results: dict):
     """Speed-up vs the baseline per batch and, with the public loop in the run, ours vs it."""
     rows = results["rows"]
@@ -206,10 +216,11 @@ def chart_panels(results: dict):
         return [bar_panel([(f"batch {b}", [(r["sampler"], r["speedup_vs_default"]) for r in rows if r["batch"] == b])
                            for b in batches], "speed-up vs default sampler (same run)", ref_line=1.0, ylabel="x")]
     ours = [r for r in rows if r["kind"] == "ours"]
-    panels = [bar_panel([(f"batch {b}", [(r["sampler"], r["speedup_vs_baseline"]) for r in ours if r["batch"] == b])
+    panels = [bar_panel([(f"batch {b}", [(short_label(r["sampler"]), r["speedup_vs_baseline"]) for r in ours
+                                          if r["batch"] == b])
                          for b in batches], f"speed-up vs {results['meta']['baseline']} (same rounds)",
                         ref_line=1.0, ylabel="x")]
-    groups = [(f"batch {b}, {label}", [(r["sampler"], r[key]) for r in ours if r["batch"] == b and key in r])
+    groups = [(f"batch {b}, {label}", [(short_label(r["sampler"]), r[key]) for r in ours if r["batch"] == b and key in r])
               for key, label in REFERENCE_RATIOS for b in batches]
     groups = [g for g in groups if g[1]]
     if groups:

@@ -30,7 +30,7 @@ def test_benchmark_protocol_on_tiny_models(tmp_path):
         benchmark.parse_spec(specs[-1])
     benchmark.main(models + [a for s in specs[:3] for a in ("--sampler", s)] + [
         "--batch-sizes", "1,3", "--repeats", "2", "--warmup", "0", "--top-k", "8", "--peak-matmul-size", "128",
-        "--num-threads", "1", "--noise-threshold", "0", "--out", str(out)])
+        "--num-threads", "1", "--noise-threshold", "0", "--profile", "1", "--out", str(out)])
     results = json.loads(out.with_suffix(".json").read_text())
     rows = {(r["sampler"], r["batch"]): r for r in results["rows"]}
     assert set(rows) == {(s, b) for s in specs[:3] for b in (1, 3)}
@@ -50,6 +50,9 @@ def test_benchmark_protocol_on_tiny_models(tmp_path):
         t = base["transformer"]
         assert t["flops"] > 0 and 0 < t["share_of_wall"] <= 1 and t["fraction_of_matmul_peak"] > 0
     assert rows[("default", 3)]["transformer"]["flops"] == 3 * rows[("default", 1)]["transformer"]["flops"]
+    prof = results["checks"]["1"]["profiles"]["default"]
+    shares = [o["share"] for o in prof["top_ops"]]
+    assert prof["calls"] == 1 and shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 1 + 1e-9
     assert out.with_suffix(".png").stat().st_size > 0
     table = out.with_suffix(".md").read_text()
     assert table == markdown_table(results)
