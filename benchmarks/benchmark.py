@@ -154,9 +154,14 @@ class ProxyQuality:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # rank-deficiency is expected and stated for small counts
             report = evaluate(self.net, source, self.reference, prefix="proxy_", labels=source.labels,
-                              compute_is=False, device=self.device, kid_subset_size=min(1000, self.count))
-        m = report["metrics"]
-        return {"proxy_fd": m["proxy_fd"], "proxy_accuracy": m["proxy_accuracy"], "proxy_images": self.count}
+                              compute_is=False, device=self.device, kid_subset_size=min(1000, self.count),
+                              bootstrap=200, ci_seed=self.seed)
+        m, ci = report["metrics"], report.get("intervals", {})
+        out = {"proxy_fd": m["proxy_fd"], "proxy_accuracy": m["proxy_accuracy"], "proxy_images": self.count}
+        for key in ("proxy_fd", "proxy_accuracy"):  # 95 % intervals (basic bootstrap / Wilson)
+            if key in ci:
+                out[f"{key}_ci"] = [ci[key]["low"], ci[key]["high"]]
+        return out
 
 
 # ---- contenders ------------------------------------------------------------------------------------------------

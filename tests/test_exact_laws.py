@@ -95,14 +95,16 @@ def run_sampler(name: str, **kw):
     return fn
 
 
-@pytest.mark.parametrize("rng", ["fast", "reference"])
+# reference: its draws are pinned bitwise by the golden test, so its law check runs with `pytest -m slow`
+@pytest.mark.parametrize("rng", ["fast", pytest.param("reference", marks=pytest.mark.slow)])
 def test_default_sampler_law(models, rng, one_thread):
     var, vae, _, _ = models
     law = joint(*scale_laws(var, vae, None))
     assert_law(empirical(run_sampler("default", var=var, vae=vae, rng=rng)), law, f"default ({rng})")
 
 
-@pytest.mark.parametrize("draft", ["jacobi", "random", "var", "dd"])
+# random drafts (the garbage-draft baseline) run with `pytest -m slow`, to keep the default suite short
+@pytest.mark.parametrize("draft", ["jacobi", pytest.param("random", marks=pytest.mark.slow), "var", "dd"])
 def test_block_sjd_law_for_every_draft_source(models, draft, one_thread):
     var, vae, other, student = models
     kw = dict(var=var, vae=vae, window_scales=2, max_spec_tokens=16, draft=draft)

@@ -70,9 +70,10 @@ class KVCache:
             raise ValueError(f"layer {layer} caches (B, H, c) = {tuple(k.shape[:2]) + (k.shape[3],)} but got keys of "
                              f"{(B, H, c)}; use one cache per batch (or clear() it first)")
         shape = (B, H, self.max_len, c)
-        self._k[layer] = torch.zeros(shape, dtype=dtype, device=device)
-        self._v[layer] = torch.zeros(shape, dtype=dtype, device=device)
-        self._pos[layer] = torch.zeros(shape[:3], dtype=torch.int64, device=device)
+        # uninitialised: only the written prefix [:len] is ever read (views), so zero-filling is wasted work
+        self._k[layer] = torch.empty(shape, dtype=dtype, device=device)
+        self._v[layer] = torch.empty(shape, dtype=dtype, device=device)
+        self._pos[layer] = torch.empty(shape[:3], dtype=torch.int64, device=device)
 
     def buffers(self) -> list[torch.Tensor]:
         """Every allocated buffer (keys, values, positions): what a compiler must treat as fixed-address inputs."""
