@@ -58,8 +58,9 @@ def save_plot(result: dict, path: str | Path) -> Path:
 def redraw(result: dict, path: Path) -> Path:
     """The bar chart the benchmark script that wrote `result` draws, from the JSON alone."""
     if "rows" in result and "meta" in result:  # benchmarks/benchmark.py (same groups as its write_outputs)
-        groups = {f"batch {b}": {r["sampler"]: r["speedup_vs_default"] for r in result["rows"] if r["batch"] == b}
-                  for b in sorted({r["batch"] for r in result["rows"]})}
+        rows = sampler_rows(result)
+        groups = {f"batch {b}": {r["sampler"]: speedup(r) for r in rows if r["batch"] == b}
+                  for b in sorted({r["batch"] for r in rows})}
         return bar_chart(path, groups, "speed-up vs default sampler (same run)", "x", reference_line=1.0)
     if "quality" in result or "official_shapes" in result:
         return save_plot(result, path)
@@ -74,7 +75,7 @@ def redraw(result: dict, path: Path) -> Path:
 def speed_quality_points(result: dict, batch: int | None = None) -> tuple[list[ScatterPoint], int]:
     """Every sampler's (speed-up vs default, proxy FD) at one batch size, with error bars where the row
     carries intervals (see row_interval). The batch defaults to the largest one that has proxy FD."""
-    rows = [r for r in result.get("rows", []) if "proxy_fd" in r]
+    rows = [r for r in sampler_rows(result) if "proxy_fd" in r]
     if not rows:
         raise ValueError("no row of this result has proxy_fd; rerun benchmarks/benchmark.py with --proxy-classifier")
     batch = max(r["batch"] for r in rows) if batch is None else batch
@@ -82,8 +83,19 @@ def speed_quality_points(result: dict, batch: int | None = None) -> tuple[list[S
     if not rows:
         raise ValueError(f"no row with proxy_fd at batch {batch}; batches with it: "
                          f"{sorted({r['batch'] for r in result['rows'] if 'proxy_fd' in r})}")
-    return [ScatterPoint(r["sampler"], r["speedup_vs_default"], r["proxy_fd"], row_interval(r, "speedup_vs_default"),
+    return [ScatterPoint(r["sampler"], speedup(r), r["proxy_fd"],
+                         row_interval(r, "speedup_vs_baseline") or row_interval(r, "speedup_vs_default"),
                          row_interval(r, "proxy_fd")) for r in rows], batch
+
+
+def sampler_rows(result: dict) -> list[dict]:
+    """The rows of samplers (not the public loop or decoder-only contenders of the protocol)."""
+    return [r for r in result.get("rows", []) if r.get("kind", "ours") == "ours"]
+
+
+def speedup(row: dict) -> float:
+    """Speed-up over the run's baseline (protocol 2) or over the default sampler (older result files)."""
+    return row["speedup_vs_baseline"] if "speedup_vs_baseline" in row else row["speedup_vs_default"]
 
 
 def row_interval(row: dict, key: str) -> tuple[float, float] | None:

@@ -264,6 +264,24 @@ def write_outputs(results: dict, out: Path) -> None:
     save_panels(chart_panels(results), out.with_suffix(".png"), cols=1)
 
 
+def quality_table(results: dict) -> str:
+    """Proxy quality with 95 % intervals of every sampler row that has it (a run with --quality-images N)."""
+    m, rows = results["meta"], [r for r in results["rows"] if "proxy_fd" in r]
+    base = next((r for r in rows if r.get("sampler") == m["baseline"]), None)
+    n = rows[0]["proxy_images"] if rows else 0
+    lines = [f"Measured {m['date']}; {n} class-balanced images per sampler (batch {rows[0]['batch'] if rows else '—'}), "
+             f"cfg {m['sampling']['cfg']}, top-k {m['sampling']['top_k']}, top-p {m['sampling']['top_p']}; 95 % "
+             "intervals (basic bootstrap for the FD, Wilson for the accuracy); * = the interval does not overlap "
+             f"`{m['baseline']}`'s.", "",
+             "| sampler | proxy FD | proxy accuracy | PSNR vs baseline | token agreement |", "|---|---|---|---|---|"]
+    for r in rows:
+        p = r.get("psnr_vs_baseline_db")
+        psnr_text = "—" if p is None else ("identical" if p == float("inf") else f"{p:.1f} dB")
+        agree = f"{r['token_agreement_vs_baseline']:.3f}" if "token_agreement_vs_baseline" in r else "—"
+        lines.append(f"| `{short_label(r['sampler'])}` | {proxy_cells(r, base).replace(' | ', ' | ', 1)} | {psnr_text} | {agree} |")
+    return "\n".join(lines) + "\n"
+
+
 RESULTS = REPO / "benchmarks" / "results"
 BLOCKS = {
     "bench": (RESULTS / "benchmark_fmnist.json", lambda r: markdown_table(r)),
@@ -272,6 +290,7 @@ BLOCKS = {
     "engine-small": (RESULTS / "engine_small_10scale.json", lambda r: markdown_table(r)),
     "engine-d16": (RESULTS / "engine_d16.json", lambda r: markdown_table(r)),
     "engine-fmnist": (RESULTS / "engine_fmnist.json", lambda r: markdown_table(r)),
+    "engine-fmnist-quality": (RESULTS / "engine_fmnist_quality.json", quality_table),
     "model-card": (REPO / "checkpoints" / "fmnist" / "model_card.json", model_card_markdown),
 }
 

@@ -14,7 +14,6 @@ Per budget fraction and policy, on the same labels and per-image seeds as the un
 """
 from __future__ import annotations
 
-import argparse
 import json
 from datetime import datetime, timezone
 from pathlib import Path

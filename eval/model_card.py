@@ -16,7 +16,6 @@ Definitions (all on the whole split, images as the models see them: 32x32, [-1, 
 """
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 from pathlib import Path

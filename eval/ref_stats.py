@@ -12,7 +12,6 @@ which eval reports and cards quote to identify the reference exactly.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 

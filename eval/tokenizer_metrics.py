@@ -10,7 +10,6 @@ region only), averaged over channels and pixels per image, then over images.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path

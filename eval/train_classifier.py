@@ -9,7 +9,6 @@ so a bad classifier is never shipped silently.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys

@@ -15,7 +15,6 @@ written atomically, so a crash never leaves a half-written one).
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os

@@ -22,7 +22,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from einops import rearrange
 
 from samplers.base import Accelerator, register_sampler, sampler_class
 from samplers.engine import Plan, TokenRule

@@ -17,7 +17,6 @@ same seed(s) the student maps the noise the teacher's flow sampling would have m
 from __future__ import annotations
 
 import torch
-from einops import rearrange
 
 from samplers.base import Accelerator, register_sampler, sampler_class
 from samplers.dd.flow_map import gaussian_rows

@@ -15,8 +15,6 @@ another model is refused. CLI: python -m samplers.scalekv.calibration --var V.sa
 """
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
 
 import torch
 
@@ -126,7 +124,6 @@ def calibrate(var, vae, labels, seeds, *, drafter_frac: float = 0.08, hist_topk:
 
 
 def main(argv=None) -> None:
-    from training.checkpoint import load_any
     from training.errors import make_parser
 
     p = make_parser(description="ScaleKV calibration of one VAR model")

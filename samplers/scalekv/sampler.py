@@ -14,8 +14,6 @@ with window_scales=1 it is exactly `scalekv`).
 """
 from __future__ import annotations
 
-import torch
-
 from samplers.base import Accelerator, register_sampler, sampler_class
 from samplers.engine import Plan, VARStage
 from samplers.scalekv.calibration_file import load_calibration
