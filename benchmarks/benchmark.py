@@ -37,10 +37,13 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from eval.intervals import mean_ci
 from samplers import build_sampler, sampler_class
 from samplers.cli import SHIPPED, load_models, parse_sampler_args, parse_sampler_spec, parse_var_overrides
+from training.images import psnr
 
 ENGINE_KEYS = ("compile", "rng", "precision")  # Sampler keywords, as opposed to accelerator options
 
@@ -76,9 +79,11 @@ def matmul_peak_flops(device: torch.device, dtype: torch.dtype, size: int = 2048
     return 2 * size**3 * repeats / best
 
 
-def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    mse = (a.float() - b.float()).square().mean().item()
-    return float("inf") if mse == 0 else 10 * torch.log10(torch.tensor(1.0 / mse)).item()
+def mean_psnr(a_N3HW: torch.Tensor, b_N3HW: torch.Tensor) -> float:
+    """Mean over images of the one per-image PSNR (training.images.psnr); +inf when all images are equal."""
+    per_image = psnr(a_N3HW, b_N3HW)
+    finite = per_image[torch.isfinite(per_image)]
+    return float("inf") if finite.numel() == 0 else float(finite.mean())
 
 
 def summarise(times: list[float], batch: int, threshold: float) -> dict:
@@ -136,20 +141,23 @@ class ProxyQuality:
         self.reference = fashion_mnist_reference(data, self.net, self.net.config.image_size, device=device)
         self.count, self.batch, self.seed, self.device = count, batch, seed, device
 
-    def __call__(self, sampler, num_classes: int, sample_kwargs: dict) -> dict:
+    def __call__(self, sampler, num_classes: int, sample_kwargs: dict, baseline: dict | None = None):
+        """Scores of `sampler`; with `baseline` (what this returned for the baseline sampler, same labels and
+        seeds) also per-image PSNR and token agreement against its images, with t intervals."""
         import warnings
-
-        import numpy as np
 
         from eval.data import ArraySource
         from eval.harness import evaluate
         from samplers.seeding import image_seed
         labels = torch.arange(self.count, device=self.device) % num_classes
-        arrays = []
+        arrays, images, tokens = [], [], []
         for start in range(0, self.count, self.batch):
             idx = list(range(start, min(start + self.batch, self.count)))
             out = sampler.sample(labels[idx], seed=[image_seed(self.seed, 10**6 + i) for i in idx], **sample_kwargs)
             arrays.append(out.images.mul(255).add_(0.5).clamp_(0, 255).byte().permute(0, 2, 3, 1).cpu().numpy())
+            images.append(out.images.cpu())
+            tokens.append(torch.cat(out.tokens, dim=1).cpu())
+        images_N3HW, tokens_NL = torch.cat(images), torch.cat(tokens)
         source = ArraySource(np.concatenate(arrays), "benchmark samples", labels.cpu().numpy())
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # rank-deficiency is expected and stated for small counts
@@ -161,7 +169,16 @@ class ProxyQuality:
         for key in ("proxy_fd", "proxy_accuracy"):  # 95 % intervals (basic bootstrap / Wilson)
             if key in ci:
                 out[f"{key}_ci"] = [ci[key]["low"], ci[key]["high"]]
-        return out
+        if baseline is not None:
+            psnr_N = psnr(images_N3HW, baseline["images"]).numpy()
+            agree_N = (tokens_NL == baseline["tokens"]).float().mean(1).numpy()
+            out["quality_psnr_db"] = mean_psnr(images_N3HW, baseline["images"])
+            out["quality_token_agreement"] = float(agree_N.mean())
+            if np.isfinite(psnr_N).sum() >= 2:
+                out["quality_psnr_db_ci"] = [(c := mean_ci(psnr_N))["low"], c["high"]]
+            if agree_N.std() > 0:
+                out["quality_token_agreement_ci"] = [(c := mean_ci(agree_N))["low"], c["high"]]
+        return out, {"images": images_N3HW, "tokens": tokens_NL}
 
 
 # ---- contenders ------------------------------------------------------------------------------------------------
@@ -323,7 +340,7 @@ def compare(row: dict, base: dict, c, base_c) -> None:
         row["token_agreement_vs_baseline"] = float(torch.cat([(a == b).float().flatten() for a, b in
                                                              zip(c.out.tokens, base_c.out.tokens)]).mean())
         if c.out.images is not None and base_c.out.images is not None:
-            row["psnr_vs_baseline_db"] = psnr(c.out.images, base_c.out.images)
+            row["psnr_vs_baseline_db"] = mean_psnr(c.out.images, base_c.out.images)
 
 
 def reference_ratios(rows: list[dict], decoder_row: dict | None) -> None:
@@ -505,11 +522,14 @@ def run(args) -> dict:
 def add_proxy_quality(args, specs, var, vae, extras, sampling, rows, batch) -> None:
     device = var.class_emb.weight.device
     quality = ProxyQuality(args.proxy_classifier, args.proxy_data, args.quality_images, batch, args.seed, device)
-    for s in specs:
+    baseline = None
+    for s in sorted(specs, key=lambda s: s.label != args.baseline):  # the baseline first: the others compare with it
         if s.name == "reference":
             continue
         c = build_contender(s, var, vae, extras, torch.zeros(1, dtype=torch.long, device=device), args, sampling, None)
-        scores = quality(c.sampler, var.num_classes, sampling)
+        scores, outputs = quality(c.sampler, var.num_classes, sampling, baseline)
+        if s.label == args.baseline:
+            baseline = outputs
         for r in rows:
             if r["sampler"] == s.label and r["batch"] == batch:
                 r.update(scores)

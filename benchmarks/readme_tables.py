@@ -271,14 +271,20 @@ def quality_table(results: dict) -> str:
     n = rows[0]["proxy_images"] if rows else 0
     lines = [f"Measured {m['date']}; {n} class-balanced images per sampler (batch {rows[0]['batch'] if rows else '—'}), "
              f"cfg {m['sampling']['cfg']}, top-k {m['sampling']['top_k']}, top-p {m['sampling']['top_p']}; 95 % "
-             "intervals (basic bootstrap for the FD, Wilson for the accuracy); * = the interval does not overlap "
-             f"`{m['baseline']}`'s.", "",
+             "intervals (basic bootstrap for the FD, Wilson for the accuracy, t for PSNR and token agreement, which "
+             f"compare every image with `{m['baseline']}`'s on the same label and seed); * = the interval does not "
+             f"overlap `{m['baseline']}`'s.", "",
              "| sampler | proxy FD | proxy accuracy | PSNR vs baseline | token agreement |", "|---|---|---|---|---|"]
     for r in rows:
-        p = r.get("psnr_vs_baseline_db")
+        p = r.get("quality_psnr_db", r.get("psnr_vs_baseline_db"))
         psnr_text = "—" if p is None else ("identical" if p == float("inf") else f"{p:.1f} dB")
-        agree = f"{r['token_agreement_vs_baseline']:.3f}" if "token_agreement_vs_baseline" in r else "—"
-        lines.append(f"| `{short_label(r['sampler'])}` | {proxy_cells(r, base).replace(' | ', ' | ', 1)} | {psnr_text} | {agree} |")
+        if r.get("quality_psnr_db_ci") and p != float("inf"):
+            psnr_text += " [{:.1f}, {:.1f}]".format(*r["quality_psnr_db_ci"])
+        a = r.get("quality_token_agreement", r.get("token_agreement_vs_baseline"))
+        agree = "—" if a is None else f"{a:.3f}"
+        if r.get("quality_token_agreement_ci"):
+            agree += " [{:.3f}, {:.3f}]".format(*r["quality_token_agreement_ci"])
+        lines.append(f"| `{short_label(r['sampler'])}` | {proxy_cells(r, base)} | {psnr_text} | {agree} |")
     return "\n".join(lines) + "\n"
 
 

@@ -131,7 +131,11 @@ CLI_ARGS = {
 }
 
 
-@pytest.mark.parametrize("pairing", PAIRINGS + ["sjd+flow"])
+CLI_DEFAULT = {"code+scalekv", "sjd+edit", "sjd:dd", "sjd+flow"}  # the rest run with `pytest -m slow`
+
+
+@pytest.mark.parametrize("pairing", [p if p in CLI_DEFAULT else pytest.param(p, marks=pytest.mark.slow)
+                                     for p in PAIRINGS + ["sjd+flow"]])
 def test_every_pairing_runs_from_sample_py(pairing, tmp_path):
     import subprocess
     import sys
