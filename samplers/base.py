@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import inspect
 import time
+import types
 import typing
 from typing import Callable, ClassVar
 
@@ -74,7 +75,7 @@ class Accelerator:
             if p.kind == p.KEYWORD_ONLY and p.name not in cls.extra_models + cls.optional_models:
                 if kind in (int, float, str, bool):
                     out[p.name] = kind
-                elif typing.get_origin(kind) in (typing.Union, __import__("types").UnionType):
+                elif typing.get_origin(kind) in (typing.Union, types.UnionType):
                     simple = [a for a in typing.get_args(kind) if a in (int, float, str, bool)]
                     if simple:
                         out[p.name] = simple[0]

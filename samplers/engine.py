@@ -280,9 +280,10 @@ class Engine:
             spec.observe(a, c, [], tokens, final)
             return c
         drafts = spec.propose(a, e - 1, tokens, final)
-        inputs = []
+        inputs, forced = [], []  # forced[i]: the constraint's keep mask (B, l) of draft i, or None
         for b, d in zip(range(a, e - 1), drafts):
-            d.tokens = self._constrain(b, d.tokens)[0]
+            d.tokens, keep = self._constrain(b, d.tokens)
+            forced.append(keep)
             inputs.append(d.tokens if tokens[b] is None else torch.where(final[b][:, None], tokens[b], d.tokens))
         logits = self._forward(a, inputs)
         exact_B = torch.ones(self.labels_B.shape[0], dtype=torch.bool, device=self.labels_B.device)
@@ -291,8 +292,8 @@ class Engine:
             guided = guide(logits[b - a], cfg_strength(self.sampling.cfg, b, K))
             probs.append(self.plan.token_rule.law(self, guided, b))
             if b < e - 1:
-                forced = self._constrain(b, drafts[b - a].tokens)[1]
-                exact_B = spec.verify(b, probs[-1], drafts[b - a], tokens, final, exact_B, forced, self._constrain)
+                exact_B = spec.verify(b, probs[-1], drafts[b - a], tokens, final, exact_B, forced[b - a],
+                                      self._constrain)
             else:  # rows whose context is exact draw the last scale directly
                 idx, _ = self._constrain(b, self.plan.token_rule.choose(self, guided, b)[0])
                 take = exact_B & ~final[b]
@@ -323,8 +324,9 @@ class Engine:
     def _end_stage(self) -> None:
         run = self.running
         self.stats.kv_stage_end(run.stage.name)
-        run.cache.clear()  # the next model cannot reuse it (other width); free it before that model runs
-        self.running = None
+        run.cache.clear()
+        self.running = None  # the next model cannot reuse this cache (other width): dropping it frees it (a
+        # pooled cache of a compiled sampler stays allocated on purpose, for the next call)
 
     def _forward(self, a: int, input_tokens: list[torch.Tensor]) -> list[torch.Tensor]:
         """Raw logits (2B, l_b, V) of scales a..a+len(input_tokens): one forward from the committed inputs

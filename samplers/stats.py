@@ -18,6 +18,7 @@ class SamplerStats:
     wall_time_s: float = 0.0
     cuda_max_memory_allocated: int | None = None
     extra: dict = field(default_factory=dict)
+    _peak_before: int = field(default=0, repr=False)  # the peak of the stages before the running one
 
     def count_forward(self, model_name: str, x_BLC: torch.Tensor) -> None:
         self.forwards[model_name] = self.forwards.get(model_name, 0) + 1
@@ -41,7 +42,7 @@ class SamplerStats:
 
     def kv_stage_end(self, name: str) -> None:
         self.extra[f"kv_bytes_peak_{name}"] = self.kv_bytes_peak
-        self.kv_bytes_peak = max(getattr(self, "_peak_before", 0), self.kv_bytes_peak)
+        self.kv_bytes_peak = max(self._peak_before, self.kv_bytes_peak)
 
     def record_compression(self, model_name: str, cache: KVCache, record) -> None:
         if record is None:
