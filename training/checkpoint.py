@@ -330,7 +330,10 @@ def load_any(path: str | Path, kind: str, device="cpu", patch_nums=None, overrid
     raise ValueError(f"{path}: unknown checkpoint type {suffix!r}; expected .safetensors (ours) or .pth (official)")
 
 
-def check_models_compatible(var: VAR, vae: VQVAE, what: str = "VAR") -> None:
+def check_models_compatible(var: VAR, vae: VQVAE, what: str = "VAR", *, main: VAR | None = None,
+                            main_what: str = "the main model", fix: str = "") -> None:
+    """`var` must share `vae`'s vocabulary, latent width and scales; with `main` (the model `var` works beside,
+    e.g. CoDe's drafter) also its label set. `fix`: the last clause of the label-set error."""
     problems = []
     if var.config.vocab_size != vae.vocab_size:
         problems.append(f"vocabulary size {var.config.vocab_size} vs tokenizer {vae.vocab_size}")
@@ -342,3 +345,6 @@ def check_models_compatible(var: VAR, vae: VQVAE, what: str = "VAR") -> None:
         raise ValueError(f"{what} and tokenizer do not match: " + "; ".join(problems)
                          + ". Load the tokenizer the model was trained with (its checkpoint config names it), "
                            "or build the tokenizer with the model's patch_nums.")
+    if main is not None and var.num_classes != main.num_classes:
+        raise ValueError(f"{what} has {var.num_classes} classes but {main_what} {main.num_classes}; "
+                         + (fix or "the models must be trained on the same label set"))

@@ -54,10 +54,8 @@ class CoDe(Accelerator):
 
     def check(self, sampler, others) -> None:
         var, vae = sampler.var, sampler.vae
-        check_models_compatible(self.refiner, vae, "refiner")
-        if self.refiner.num_classes != var.num_classes:
-            raise ValueError(f"drafter has {var.num_classes} classes but refiner {self.refiner.num_classes}; "
-                             f"the pair must be trained on the same label set")
+        check_models_compatible(self.refiner, vae, "refiner", main=var, main_what="the drafter",
+                                fix="the pair must be trained on the same label set")
         K, N = var.num_scales, self.draft_scales_option
         if N == -1:
             N = default_draft_scales(K)

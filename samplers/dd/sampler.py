@@ -36,10 +36,8 @@ def check_student(student, var: VAR | None, vae: VQVAE, what: str = "student") -
     if not isinstance(student, DDStudent):
         raise TypeError(f"{what} must be a DDStudent (a dd_student checkpoint from `train.py dd`), got "
                         f"{type(student).__name__}")
-    check_models_compatible(student, vae, what)
-    if var is not None and student.num_classes != var.num_classes:
-        raise ValueError(f"{what} has {student.num_classes} classes but the teacher {var.num_classes}; "
-                         f"use the student distilled from this teacher")
+    check_models_compatible(student, vae, what, main=var, main_what="the teacher",
+                            fix="use the student distilled from this teacher")
 
 
 def draw_noise(student: DDStudent, batch: int, generator, device) -> list[torch.Tensor]:

@@ -43,10 +43,8 @@ class BlockSJD(Accelerator):
     def check(self, sampler, others) -> None:
         var = sampler.var
         if self.draft_model is not None:
-            check_models_compatible(self.draft_model, sampler.vae, "draft_model")
-            if self.draft_model.num_classes != var.num_classes:
-                raise ValueError(f"draft_model has {self.draft_model.num_classes} classes but the target "
-                                 f"{var.num_classes}; the drafter must be trained on the same label set")
+            check_models_compatible(self.draft_model, sampler.vae, "draft_model", main=var, main_what="the target",
+                                    fix="the drafter must be trained on the same label set")
         if any(o.name == "flow" for o in others):
             raise ValueError("sjd+flow has no defined meaning: the flow rule makes every token a deterministic "
                              "function of its own Gaussian noise (the pairs DD distils), while Block-SJD decides "
