@@ -62,6 +62,21 @@ class DataConfig:
     skip_empty_classes: bool = False  # leave out class folders without images (counted warning) instead of failing
     num_samples: int = 2048  # procedural only
     num_classes: int = 10  # procedural only
+    # The VAR train transform (training/transforms.py): resize the shorter side to round(mid_reso * image_size),
+    # then a random crop of image_size (centre crop when random_crop is false), optional horizontal flip.
+    # The public recipe: mid_reso = 1.125, random_crop = true, hflip = false. 1.0 / false / false: no augmentation.
+    mid_reso: float = 1.0
+    random_crop: bool = False
+    hflip: bool = False
+    # DataLoader: worker processes decode and augment; batches are the same for any num_workers (per-sample
+    # randomness is seeded by (seed, epoch, index), not by the worker)
+    num_workers: int = 0
+    persistent_workers: bool = True  # with num_workers > 0: keep the workers alive between validation passes
+    prefetch_factor: int = 2  # with num_workers > 0: batches each worker prepares ahead
+    # held-out validation split (train.val_every): a folder with the same class names (image_folder), or
+    # else the last val_fraction of a seeded permutation of the training items (left out of training)
+    val_root: str = ""
+    val_fraction: float = 0.0
 
     def __post_init__(self) -> None:
         _text("data.kind", self.kind, ("fashion_mnist", "image_folder", "procedural"))
@@ -72,6 +87,28 @@ class DataConfig:
         _flag("data.skip_empty_classes", self.skip_empty_classes)
         _number("data.num_samples", self.num_samples, integer=True, ge=1)
         _number("data.num_classes", self.num_classes, integer=True, ge=1)
+        _number("data.mid_reso", self.mid_reso, ge=1, le=4)
+        _flag("data.random_crop", self.random_crop)
+        _flag("data.hflip", self.hflip)
+        _number("data.num_workers", self.num_workers, integer=True, ge=0)
+        _flag("data.persistent_workers", self.persistent_workers)
+        _number("data.prefetch_factor", self.prefetch_factor, integer=True, ge=1)
+        _text("data.val_root", self.val_root)
+        if self.val_root and self.kind != "image_folder":
+            raise ValueError(f"data.val_root is for data.kind = 'image_folder'; for {self.kind!r} hold out a "
+                             f"part of the training set with data.val_fraction")
+        _number("data.val_fraction", self.val_fraction, ge=0, lt=1)
+        if self.val_root and self.val_fraction:
+            raise ValueError("set data.val_root or data.val_fraction, not both")
+
+    @property
+    def augmented(self) -> bool:
+        """True when the train transform is random (tokens then cannot be cached)."""
+        return self.mid_reso > 1 and self.random_crop or self.hflip
+
+    @property
+    def has_val(self) -> bool:
+        return bool(self.val_root) or self.val_fraction > 0
 
 
 @dataclass
@@ -127,10 +164,22 @@ class RunConfig:
     label_smoothing: float = 0.0  # VAR only
     tokenizer: str = ""  # VAR only: path of the frozen tokenizer (ours .safetensors or the official .pth)
     init_from: str = ""  # optional weights to start from (fine-tuning)
-    cache_tokens: bool = True  # VAR only: tokenise the dataset once (exact when there is no augmentation)
-    # VAR only: where that cache lives (safetensors, plus a .json manifest beside it; default
+    # VAR only: "cache" tokenises the (unaugmented) training set once, each process its own shard; "stream"
+    # encodes every batch on the accelerator inside the step (needed with augmentation); "auto": cache for
+    # unaugmented sets of at most 200k images, else stream
+    tokens: str = "auto"
+    # VAR only: where that cache lives (safetensors shards plus a .json manifest; default
     # <out_dir>/token_cache.safetensors); runs may share one
     token_cache: str = ""
+    val_every: int = 0  # VAR / tokenizer: validation loss (and per-scale accuracy) every N steps; 0 disables
+    val_batches: int = 0  # batches of the held-out split per validation pass; 0: all of it
+    # accelerate trackers besides metrics.jsonl (always written): "" (none), "tensorboard", "wandb", "all", or
+    # a comma list; their files go to <out_dir>/trackers
+    log_with: str = ""
+    tracker_project: str = "var"
+    # train.init_from with a different class count (fine-tuning on new classes): "error", "reinit" (a fresh
+    # class embedding), or "resize" (keep the first min(K_old, K_new) rows and the null-class row, new rows fresh)
+    init_class_embedding: str = "error"
     sample_cfg: float = 1.5  # VAR only: guidance of the periodic sample grids
     samples_per_class: int = 8  # VAR only: one grid row per class (at most 10 classes)
     num_threads: int = 0  # CPU threads for torch (0: torch's default); 1-2 on a shared machine
@@ -145,7 +194,12 @@ class RunConfig:
         _number("train.label_smoothing", self.label_smoothing, ge=0, lt=1)
         for name in ("tokenizer", "init_from", "token_cache"):
             _text(f"train.{name}", getattr(self, name))
-        _flag("train.cache_tokens", self.cache_tokens)
+        _text("train.tokens", self.tokens, ("auto", "cache", "stream"))
+        _number("train.val_every", self.val_every, integer=True, ge=0)
+        _number("train.val_batches", self.val_batches, integer=True, ge=0)
+        _text("train.log_with", self.log_with)
+        _text("train.tracker_project", self.tracker_project, nonempty=True)
+        _text("train.init_class_embedding", self.init_class_embedding, ("error", "reinit", "resize"))
         _number("train.sample_cfg", self.sample_cfg, ge=0)
         _number("train.num_threads", self.num_threads, integer=True, ge=0)
 

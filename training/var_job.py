@@ -42,7 +42,7 @@ class VARJob(TrainJob):
                              f"remove num_classes from [var] (it defaults to the dataset's) or raise it")
         self.model.to(device)
         self.patch_nums = self.vae.patch_nums
-        self.tokens = self._tokenise_dataset(device, main_process) if cfg.train.cache_tokens else None
+        self.tokens = self._tokenise_dataset(device, main_process) if cfg.train.tokens != "stream" else None
 
     # ---- job interface ----------------------------------------------------------------------------
     def num_items(self) -> int:
