@@ -172,3 +172,36 @@ def test_cpu_memory_is_the_resident_size():
 
 def test_tokens_per_image_matches_the_recipe():
     assert tracking.tokens_per_image((1, 2, 3, 4, 5, 6, 8, 10, 13, 16)) == 680
+
+
+def test_cuda_memory_is_the_window_peak(monkeypatch):
+    """No GPU here: torch.cuda's counters are replaced by a fake that keeps a peak like the allocator does."""
+    calls = []
+
+    class FakeAllocator:
+        peak = 0
+
+        def max_memory_allocated(self, device=None):
+            return self.peak
+
+        def reset_peak_memory_stats(self, device=None):
+            calls.append("reset")
+            self.peak = 0
+
+        def synchronize(self, device=None):
+            calls.append("sync")
+
+    fake = FakeAllocator()
+    for name in ("max_memory_allocated", "reset_peak_memory_stats", "synchronize"):
+        monkeypatch.setattr(torch.cuda, name, getattr(fake, name))
+    clock = FakeClock()
+    meter = tracking.StepMeter("cuda:0", clock=clock)
+    assert calls == ["reset"]  # the first window starts clean
+    meter.start(); fake.peak = 3 * 2**30; clock.now += 1
+    meter.stop(2)
+    assert calls == ["reset", "sync", "sync"]  # the clock is read after the queued kernels finished
+    first = meter.window()
+    assert first["cuda_max_alloc_mb"] == 3 * 1024 and "rss_mb" not in first
+    meter.start(); fake.peak = 2**29; clock.now += 1
+    meter.stop(2)
+    assert meter.window()["cuda_max_alloc_mb"] == 512  # the 3 GiB peak belonged to the previous window
