@@ -1,48 +1,33 @@
 """Datasets: Fashion-MNIST from its idx files, class-subfolder image folders, and a procedural set for tests.
 
-All return (image (3, S, S) float in [-1, 1], label int). Grayscale is replicated to 3 channels so every
-model, grid and feature network sees the usual RGB layout.
+Indexing returns (image (3, S, S) float in [-1, 1], label int), the unaugmented model input. The data
+pipeline (training/loader.py) reads `load_raw(i) -> (uint8 (H, W, C), label)` instead and applies the VAR
+transform (training/transforms.py) in DataLoader workers. `fingerprint()` is a sha256 naming the item list
+(files with sizes and mtimes / idx bytes / procedural parameters) and the image size, for token caches.
+Grayscale is replicated to 3 channels so every model, grid and feature network sees the usual RGB layout.
+`build_datasets` also returns the held-out validation split (data.val_root or data.val_fraction).
 """
 from __future__ import annotations
 
 import gzip
+import hashlib
+import json
 import math
 import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from training.config import DataConfig
 from training.images import read_rgb_uint8
+from training.transforms import to_model_range  # noqa: F401  (re-exported: its callers import it from here)
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
                          "Bag", "Ankle boot"]
-
-
-def to_model_range(img_uint8_HWC: np.ndarray, size: int) -> torch.Tensor:
-    """uint8 (H, W[, C]) -> float (3, size, size) in [-1, 1].
-
-    Images no larger than `size` are centre-padded with the background value -1 (pixels stay exact, which
-    keeps Fashion-MNIST's 28x28 digits unresampled); larger ones are resized (antialiased) so the shorter
-    side is `size`, then centre-cropped, so aspect ratios are kept."""
-    img = torch.from_numpy(np.array(img_uint8_HWC, dtype=np.float32)).div_(127.5).sub_(1)
-    img = img.unsqueeze(-1) if img.ndim == 2 else img
-    img = img.permute(2, 0, 1)[:3]
-    img = img.expand(3, -1, -1) if img.shape[0] == 1 else img
-    h, w = img.shape[-2:]
-    if h <= size and w <= size:
-        top, left = (size - h) // 2, (size - w) // 2
-        return F.pad(img, (left, size - w - left, top, size - h - top), value=-1.0).contiguous()
-    scale = size / min(h, w)
-    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
-    img = F.interpolate(img.unsqueeze(0), size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)[0]
-    top, left = (nh - size) // 2, (nw - size) // 2
-    return img[:, top: top + size, left: left + size].clamp(-1, 1).contiguous()
 
 
 def _read_idx(path: Path) -> np.ndarray:
@@ -92,6 +77,15 @@ class FashionMNIST(Dataset):
     def __getitem__(self, i: int):
         return to_model_range(self.images[i], self.image_size), int(self.labels[i])
 
+    def load_raw(self, i: int) -> tuple[np.ndarray, int]:
+        return self.images[i][..., None], int(self.labels[i])
+
+    def fingerprint(self) -> str:
+        h = hashlib.sha256(f"fashion_mnist:{self.image_size}:{self.images.shape}".encode())
+        h.update(np.ascontiguousarray(self.images).data)
+        h.update(np.ascontiguousarray(self.labels).data)
+        return h.hexdigest()
+
 
 class ImageFolder(Dataset):
     """`root/<class name>/<image>`; classes sorted by name give labels 0..N-1 (saved as the label map).
@@ -124,7 +118,7 @@ class ImageFolder(Dataset):
         self.classes = [c for c in folders if files[c]]
         self.skipped_classes = empty
         self.items = [(p, label) for label, c in enumerate(self.classes) for p in files[c]]
-        self.image_size, self.skip_corrupt, self.bad = image_size, skip_corrupt, set()
+        self.root, self.image_size, self.skip_corrupt, self.bad = root, image_size, skip_corrupt, set()
 
     def __len__(self) -> int:
         return len(self.items)
@@ -156,6 +150,21 @@ class ImageFolder(Dataset):
     def skipped(self) -> int:
         return len(self.bad)
 
+    def load_raw(self, i: int) -> tuple[np.ndarray, int]:
+        """The decoded pixels of item i (no skipping: ValueError naming the file, see `load`)."""
+        path, label = self.items[i]
+        return self.load(path), label
+
+    def fingerprint(self) -> str:
+        """Files (relative path, label, size, mtime) and the image size: a changed, added or removed file
+        changes it; reading the pixels is not needed."""
+        h = hashlib.sha256(json.dumps({"kind": "image_folder", "image_size": self.image_size,
+                                       "classes": self.classes}).encode())
+        for path, label in self.items:
+            st = path.stat()
+            h.update(f"\n{path.relative_to(self.root).as_posix()}\t{label}\t{st.st_size}\t{st.st_mtime_ns}".encode())
+        return h.hexdigest()
+
 
 class ProceduralShapes(Dataset):
     """Deterministic synthetic classes (class c = a disc/bar pattern at a class-specific position and
@@ -169,6 +178,17 @@ class ProceduralShapes(Dataset):
         return self.n
 
     def __getitem__(self, i: int):
+        return self._pattern_01(i).mul(2).sub(1).expand(3, -1, -1).contiguous(), i % self.num_classes
+
+    def load_raw(self, i: int) -> tuple[np.ndarray, int]:
+        """The pattern as uint8 0 / 255 (S, S, 1): v / 127.5 - 1 gives exactly indexing's -1 / 1."""
+        return (self._pattern_01(i) * 255).to(torch.uint8).unsqueeze(-1).numpy(), i % self.num_classes
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(f"procedural:{self.n}:{self.size}:{self.num_classes}:{self.seed}".encode()).hexdigest()
+
+    def _pattern_01(self, i: int) -> torch.Tensor:
+        """(S, S) float, 0 (background) or 1 (shape)."""
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
         label = i % self.num_classes
         angle = math.pi * label / self.num_classes
@@ -178,14 +198,68 @@ class ProceduralShapes(Dataset):
         v = -(xx - jitter[0]) * math.sin(angle) + (yy - jitter[1]) * math.cos(angle)
         bar = ((u.abs() < 0.7) & (v.abs() < 0.15 + 0.05 * (label % 3))).float()
         disc = (((u - 0.4) ** 2 + v**2) < 0.08).float() * (label % 2)
-        gray = (bar + disc).clamp(0, 1) * 2 - 1
-        return gray.expand(3, -1, -1).contiguous(), label
+        return (bar + disc).clamp(0, 1)
+
+
+class Split(Dataset):
+    """The items `indices` of `base` (a training or held-out part), with the base's interface."""
+
+    def __init__(self, base: Dataset, indices: list[int], name: str):
+        self.base, self.indices, self.name = base, list(indices), name
+        self.classes = list(getattr(base, "classes", []))
+        self.image_size = getattr(base, "image_size", getattr(base, "size", None))
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int):
+        return self.base[self.indices[i]]
+
+    def load_raw(self, i: int) -> tuple[np.ndarray, int]:
+        return self.base.load_raw(self.indices[i])
+
+    def fingerprint(self) -> str:
+        h = hashlib.sha256(f"split:{self.name}:{self.base.fingerprint()}:".encode())
+        h.update(np.asarray(self.indices, dtype=np.int64).tobytes())
+        return h.hexdigest()
+
+
+def split_indices(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """(train, val) indices, each ascending: val = the last ceil(fraction * n) of a seeded permutation of
+    range(n). The permutation's seed is derived from `seed` apart from the epoch orders' seeds."""
+    n_val = math.ceil(fraction * n)
+    if not 0 < n_val < n:
+        raise ValueError(f"data.val_fraction = {fraction} holds out {n_val} of the {n} items; choose a fraction that "
+                         f"leaves at least one item for validation and one for training")
+    digest = hashlib.sha256(f"val-split:{seed}".encode()).digest()
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1))
+    return sorted(perm[: n - n_val].tolist()), sorted(perm[n - n_val:].tolist())
 
 
 def build_dataset(cfg: DataConfig, seed: int = 0) -> Dataset:
+    """The whole training set of `cfg` (no held-out split; see `build_datasets`)."""
     if cfg.kind == "fashion_mnist":
         return FashionMNIST(cfg.root, cfg.split, cfg.image_size)
     if cfg.kind == "image_folder":
-        # getattr: the DataConfig field may not exist yet (training/config.py is owned elsewhere)
-        return ImageFolder(cfg.root, cfg.image_size, cfg.skip_corrupt, getattr(cfg, "skip_empty_classes", False))
+        return ImageFolder(cfg.root, cfg.image_size, cfg.skip_corrupt, cfg.skip_empty_classes)
     return ProceduralShapes(cfg.num_samples, cfg.image_size, cfg.num_classes, seed)
+
+
+def build_datasets(cfg: DataConfig, seed: int = 0) -> tuple[Dataset, Dataset | None]:
+    """(train, val | None). data.val_root: a second image folder whose class names must equal the
+    training ones; data.val_fraction: a seeded split of the training items (see `split_indices`),
+    the same for every process and every resume of a run with this seed."""
+    full = build_dataset(cfg, seed)
+    if cfg.val_root:
+        val = ImageFolder(cfg.val_root, cfg.image_size, cfg.skip_corrupt, cfg.skip_empty_classes)
+        if val.classes != full.classes:
+            only_train = sorted(set(full.classes) - set(val.classes))
+            only_val = sorted(set(val.classes) - set(full.classes))
+            detail = f"only in training: {only_train[:5]}, only in validation: {only_val[:5]}"
+            raise ValueError(f"data.val_root {cfg.val_root} has classes that differ from data.root {cfg.root} ({detail}); "
+                             f"give both folders the same class subfolders")
+        return full, val
+    if cfg.val_fraction > 0:
+        train_idx, val_idx = split_indices(len(full), cfg.val_fraction, seed)
+        return Split(full, train_idx, "train"), Split(full, val_idx, "val")
+    return full, None

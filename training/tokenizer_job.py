@@ -8,6 +8,13 @@ same choice) and given a fresh uniform hit rate so they are not judged again bef
 Re-seeding from encoder outputs (rather than restarting from noise) puts the new code where the data is,
 so it is picked at the next step; a code used at any one scale is alive.
 
+Data: the shared pipeline (training/loader.py): samples are decoded and given the VAR train transform
+(data.mid_reso / random_crop / hflip) in DataLoader workers; without augmentation the images are exactly
+the dataset's own (`dataset[i]`), so unaugmented training is unchanged. Validation (train.val_every, on the
+held-out split with the eval transform): val_loss = the reconstruction loss l1_weight * L1 + l2_weight * MSE
+(no quantizer, perceptual or GAN terms, which measure the training objective rather than the
+reconstruction), with L1, MSE and PSNR logged beside it.
+
 The discriminator (optional) is updated after the generator on the last micro-batch of each step, on
 real images and detached reconstructions, with its own AdamW (no weight decay) at `disc_lr_ratio` x lr.
 """
@@ -23,16 +30,19 @@ from tokenizers.config import VQVAEConfig
 from tokenizers.losses import PatchDiscriminator, VGGPerceptual, adaptive_gan_weight, hinge_d_loss
 from tokenizers.vqvae import VQVAE
 from training.images import grid_image, psnr
+from training.loader import ImageSamples, collate_images, raise_if_failed
 from training.trainer import TrainJob
+from training.transforms import VARTransform
 
 
 class TokenizerJob(TrainJob):
     export_name = "tokenizer"
 
-    def __init__(self, cfg, vae_config: VQVAEConfig, dataset, device: torch.device):
+    def __init__(self, cfg, vae_config: VQVAEConfig, dataset, device: torch.device, val_dataset=None):
         from training.checkpoint import load_any, load_state_dict_checked
 
-        self.cfg, self.lcfg, self.dataset = cfg, cfg.loss, dataset
+        self.cfg, self.lcfg, self.dataset, self.val = cfg, cfg.loss, dataset, val_dataset
+        self.transform = VARTransform.from_config(cfg.data)
         self.model = VQVAE(vae_config)
         if cfg.train.init_from:  # fine-tuning, e.g. from the official vae_ch160v4096z32.pth
             src = load_any(cfg.train.init_from, "vqvae", patch_nums=vae_config.patch_nums)
@@ -63,7 +73,35 @@ class TokenizerJob(TrainJob):
             self.disc = models[1]
 
     def fetch(self, indices: list[int], device: torch.device) -> torch.Tensor:
+        """In-process path (no workers, no augmentation): the dataset's own images."""
         return torch.stack([self.dataset[i][0] for i in indices]).to(device)
+
+    # ---- the data pipeline (training/loader.py) -------------------------------------------------------
+    def loader_dataset(self) -> ImageSamples:
+        return ImageSamples(self.dataset, self.transform, self.cfg.train.seed, train=True,
+                            skip_corrupt=self.cfg.data.skip_corrupt)
+
+    def val_dataset(self) -> ImageSamples | None:
+        if self.val is None:
+            return None
+        return ImageSamples(self.val, self.transform, self.cfg.train.seed, train=False,
+                            skip_corrupt=self.cfg.data.skip_corrupt)
+
+    def collate(self, samples) -> dict:
+        return collate_images(samples)
+
+    def prepare_batch(self, cpu_batch: dict, device: torch.device) -> torch.Tensor:
+        return raise_if_failed(cpu_batch)["images"].to(device, non_blocking=True)
+
+    @torch.no_grad()
+    def val_metrics(self, img: torch.Tensor) -> dict:
+        """Reconstruction of one held-out batch (the trainer sets eval mode: the codebook statistics are
+        not updated)."""
+        recon = self.model(img).recon.float()
+        l1 = (recon - img).abs().mean()
+        mse = (recon - img).square().mean()
+        return {"loss": float(self.lcfg.l1_weight * l1 + self.lcfg.l2_weight * mse), "loss_rec_l1": float(l1),
+                "loss_rec_l2": float(mse), "psnr": float(psnr(recon, img.float(), data_range=2.0).mean())}
 
     def _gan_active(self, step: int) -> bool:
         return self.disc is not None and step >= self.lcfg.gan_start_step
