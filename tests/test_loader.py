@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ from PIL import Image
 
 from training.config import DataConfig
 from training.data import ImageFolder, ProceduralShapes, build_datasets
-from training.loader import ImageSamples, StepBatchSampler, ValSampler, collate_images, make_loader
+from training.loader import ImageSamples, SkipCounter, StepBatchSampler, ValSampler, collate_images, make_loader
 from training.transforms import VARTransform
 
 
@@ -145,13 +146,19 @@ def test_skip_corrupt_substitutes_the_next_readable_item_and_counts(tmp_path):
     bad = {i for i, (p, _) in enumerate(ds.items) if p.name in ("1.png",) and p.parent.name == "ant"
            or p.name == "2.png" and p.parent.name == "bee"}
     samples = ImageSamples(ds, VARTransform(16), seed=0, skip_corrupt=True)
-    sampler = StepBatchSampler(len(ds), 3, 1, 1, 0, 1, 0, 3)
-    for keys, batch in zip(sampler, _batches(samples, sampler, 2)):
-        assert batch["skipped"] == sum(i in bad for i, _ in keys)
-        for row, (i, _) in enumerate(keys):
-            j = next(k % len(ds) for k in range(i, i + len(ds)) if k % len(ds) not in bad)
-            assert torch.equal(batch["images"][row], ds[j][0]) and batch["labels"][row] == ds.items[j][1]
-        assert all("cannot read image" in m for m in batch["skipped_files"])
+    sampler = StepBatchSampler(len(ds), 3, 1, 1, 0, 1, 0, 9)  # 3 epochs: every bad file is met 3 times
+    counter = SkipCounter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for keys, batch in zip(sampler, _batches(samples, sampler, 2)):
+            assert counter.update(batch) == batch["skipped"] == sum(i in bad for i, _ in keys)
+            for row, (i, _) in enumerate(keys):
+                j = next(k % len(ds) for k in range(i, i + len(ds)) if k % len(ds) not in bad)
+                assert torch.equal(batch["images"][row], ds[j][0]) and batch["labels"][row] == ds.items[j][1]
+    assert counter.total == 3 * len(bad)  # counted per substitution, warned once per file
+    warned = [str(w.message) for w in caught if "skipping unreadable image" in str(w.message)]
+    assert len(warned) == len(bad) == 2
+    assert any("ant/1.png" in m for m in warned) and any("bee/2.png" in m for m in warned)
 
 
 def test_val_fraction_split_is_disjoint_deterministic_and_keeps_the_interface():

@@ -16,6 +16,7 @@ to the main process, which raises a one-line ValueError naming the file (no work
 from __future__ import annotations
 
 import hashlib
+import warnings
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
@@ -163,6 +164,26 @@ def raise_if_failed(batch):
     if isinstance(batch, dict) and "error" in batch:
         raise ValueError(batch["error"])
     return batch
+
+
+class SkipCounter:
+    """The main process's tally of skipped unreadable images (data.skip_corrupt): `total` counts every
+    substitution (a bad file read again in a later epoch counts again); each file is warned about once."""
+
+    def __init__(self):
+        self.total, self.seen = 0, set()
+
+    def update(self, batch) -> int:
+        """Count the batch's skipped items, warn about files not seen before; -> the batch's count."""
+        if not isinstance(batch, dict):
+            return 0
+        n = int(batch.get("skipped", 0))
+        self.total += n
+        for msg in batch.get("skipped_files", []):
+            if msg not in self.seen:
+                self.seen.add(msg)
+                warnings.warn(f"skipping unreadable image ({len(self.seen)} file(s) skipped so far): {msg}", stacklevel=2)
+        return n
 
 
 def _worker_init(_worker_id: int) -> None:
