@@ -348,3 +348,47 @@ def check_models_compatible(var: VAR, vae: VQVAE, what: str = "VAR", *, main: VA
     if main is not None and var.num_classes != main.num_classes:
         raise ValueError(f"{what} has {var.num_classes} classes but {main_what} {main.num_classes}; "
                          + (fix or "the models must be trained on the same label set"))
+
+
+# ---- fine-tuning initialisation ---------------------------------------------------------------------------
+CLASS_MODES = ("error", "reinit", "resize")
+
+
+@torch.no_grad()
+def load_init_from(model: nn.Module, path: str | Path, kind: str, class_mode: str = "error") -> dict:
+    """Start `model` from the weights in `path` (ours or an official .pth, through load_any: never pickle).
+
+    Every tensor must match exactly (load_state_dict_checked), except, for a VAR whose class count differs
+    from the checkpoint's, the class table `class_emb.weight` ((num_classes + 1, C); the last row is the
+    null class of condition dropout and CFG), which `class_mode` (train.init_class_embedding) settles:
+    "error" raises; "reinit" keeps the model's own rows; "resize" copies rows 0..min(K_old, K_new)-1 and
+    moves the null row to the new last row, keeping the model's own rows for the new classes. "Own rows" are
+    the model's initialisation, so `model` must come freshly built (VAR(config) initialises; the same seed
+    on every process makes them agree). Returns what was done, for the log."""
+    if class_mode not in CLASS_MODES:
+        raise ValueError(f"train.init_class_embedding must be {', '.join(CLASS_MODES[:-1])} or {CLASS_MODES[-1]}, "
+                         f"got {class_mode!r}")
+    patch_nums = getattr(model, "patch_nums", None)
+    # without L2-normalised attention no tensor records the head count: the model's own is the only guess
+    overrides = {"num_heads": model.config.num_heads} if kind == "var" and not model.config.attn_l2_norm else None
+    state = load_any(path, kind, patch_nums=patch_nums, overrides=overrides).state_dict()
+    report = {"init_from": str(path), "class_mode": "same"}
+    own = model.state_dict().get("class_emb.weight") if isinstance(model, VAR) else None
+    src = state.get("class_emb.weight")
+    # a width mismatch is another model size: left to load_state_dict_checked to report with everything else
+    if own is not None and src is not None and src.shape != own.shape and src.shape[1:] == own.shape[1:]:
+        k_old, k_new = src.shape[0] - 1, own.shape[0] - 1
+        if class_mode == "error":
+            raise CheckpointMismatchError(
+                f"{path} has {k_old} classes but the model {k_new} (the data's); set train.init_class_embedding = "
+                f"\"resize\" (keep the first {min(k_old, k_new)} class rows and the null row) or \"reinit\" "
+                f"(a fresh class embedding), or train on data with {k_old} classes")
+        rows = own.detach().to("cpu", copy=True)
+        keep = min(k_old, k_new) if class_mode == "resize" else 0
+        if class_mode == "resize":
+            rows[:keep] = src[:keep].to(rows.dtype)
+            rows[k_new] = src[k_old].to(rows.dtype)  # the null row stays the null row
+        state = {**state, "class_emb.weight": rows}
+        report = {**report, "class_mode": class_mode, "classes_from": k_old, "classes": k_new, "copied_rows": keep}
+    load_state_dict_checked(model, state, str(path))
+    return report
