@@ -25,7 +25,8 @@ from tokenizers import VQVAE, VQVAEConfig
 from training.checkpoint import load_any, save_model
 from training.data import build_dataset
 from training.run_state import load_tree, rng_state, save_tree, set_rng_state, write_manifest
-from training.var_job import VARJob, token_cache_manifest
+from training.token_cache import shard_path, token_cache_manifest
+from training.var_job import VARJob
 
 
 class Payload:
@@ -226,28 +227,29 @@ def no_cache_warnings(record) -> bool:
 def test_token_cache_is_rebuilt_when_corrupt_stale_or_pickled(tmp_path, tokenizer):
     cfg = write_var_config(tmp_path, tokenizer)
     cache = tmp_path / "shared" / "tokens.safetensors"
+    shard = shard_path(cache, 0, 1)
     args = (f"train.token_cache={cache}", f"train.out_dir={tmp_path / 'run'}")
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
         job = build_job(cfg, *args)
-    assert no_cache_warnings(record) and cache.exists() and token_cache_manifest(cache).exists()
+    assert no_cache_warnings(record) and shard.exists() and token_cache_manifest(cache).exists()
     truth = direct_tokens(job)
     assert torch.equal(job.tokens[0], truth) and job.tokens[1].tolist() == [i % 4 for i in range(48)]
     with warnings.catch_warnings(record=True) as record:  # second use: read back, no warning
         warnings.simplefilter("always")
         assert torch.equal(build_job(cfg, *args).tokens[0], truth) and no_cache_warnings(record)
 
-    data = cache.read_bytes()
-    cache.write_bytes(data[: len(data) // 2])
-    with pytest.warns(UserWarning, match=r"token cache .*tokens.safetensors: corrupt .*rebuilding it"):
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2])
+    with pytest.warns(UserWarning, match=r"token cache .*tokens.safetensors: corrupt \(shard .* does not match its sha256.*rebuilding it"):
         assert torch.equal(build_job(cfg, *args).tokens[0], truth)
-    assert cache.read_bytes() == data
+    assert shard.read_bytes() == data
 
     other = make_tokenizer(tmp_path / "other.safetensors", seed=1)
     with pytest.warns(UserWarning, match=r"stale \(built for other tokenizer_sha256\); rebuilding"):
         job = build_job(cfg, *args, f"train.tokenizer={other}")
     assert torch.equal(job.tokens[0], direct_tokens(job)) and not torch.equal(job.tokens[0], truth)
-    with pytest.warns(UserWarning, match=r"stale \(built for other .*num_items.*num_samples"):
+    with pytest.warns(UserWarning, match=r"stale \(built for other .*dataset, num_items\)"):
         build_job(cfg, *args, "data.num_samples=40")
 
     marker = tmp_path / "marker"
@@ -255,7 +257,7 @@ def test_token_cache_is_rebuilt_when_corrupt_stale_or_pickled(tmp_path, tokenize
     token_cache_manifest(cache).unlink()
     with pytest.warns(UserWarning, match=r"no manifest tokens.safetensors.json beside it"):
         assert torch.equal(build_job(cfg, *args).tokens[0], truth)
-    assert not marker.exists() and torch.equal(load_file(cache)["tokens_NL"], truth)
+    assert not marker.exists() and not cache.exists() and torch.equal(load_file(shard)["tokens_NL"], truth)
 
 
 # ---- config validation ----------------------------------------------------------------------------------

@@ -1,78 +1,171 @@
-"""VAR training job: teacher forcing on tokens of a frozen tokenizer, uniform per-token cross-entropy."""
+"""VAR training job: teacher forcing on tokens of a frozen tokenizer, uniform per-token cross-entropy.
+
+Two token modes (train.tokens):
+* "cache": the tokens of every training image are computed once into a sharded cache (training/token_cache.py),
+  each process encoding its own block; the DataLoader then serves token rows. Exact only without
+  augmentation (a random crop is another image every epoch), so an augmented data config refuses it.
+* "stream": the DataLoader serves transformed images (workers decode and augment) and `prepare_batch`
+  encodes each batch on the accelerator inside the step with the frozen tokenizer.
+* "auto": cache for unaugmented sets of at most AUTO_CACHE_MAX_ITEMS images, else stream.
+Validation images are always streamed (eval transform) and encoded in `prepare_batch`.
+"""
 from __future__ import annotations
 
-import json
-import warnings
 from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
-from tqdm import tqdm
+from torch.utils.data import Dataset
 
-from training.atomic import atomic_write, atomic_write_json, file_sha256
-from training.checkpoint import check_models_compatible, load_any, load_state_dict_checked, save_model
-from var.config import VARConfig
+from training.atomic import file_sha256
+from training.checkpoint import check_models_compatible, load_any, load_init_from, save_model
+from training.config import DataConfig, TrainConfig
 from training.images import grid_image
-from var.model import VAR
-from training.config import TrainConfig
+from training.loader import ImageSamples, collate_images
+from training.token_cache import build_token_cache, dataset_fingerprint
 from training.trainer import TrainJob
+from training.transforms import VARTransform
+from var.config import VARConfig
+from var.model import VAR
+
+AUTO_CACHE_MAX_ITEMS = 200_000  # 200k x 680 tokens x 4 B = 0.5 GB in RAM at 256 px: beyond that, stream
+
+
+def resolve_token_mode(data: DataConfig, tokens: str, num_items: int) -> str:
+    """"cache" or "stream" for train.tokens = auto / cache / stream (see the module docstring)."""
+    if tokens == "cache" and data.augmented:
+        raise ValueError("train.tokens = 'cache' with an augmented data config (data.random_crop with data.mid_reso > 1, "
+                         "or data.hflip): tokens of random crops cannot be cached; set train.tokens = 'stream' or 'auto'")
+    if tokens == "auto":
+        return "cache" if not data.augmented and num_items <= AUTO_CACHE_MAX_ITEMS else "stream"
+    return tokens
+
+
+class TokenRows(Dataset):
+    """Cached tokens as a loader dataset: key (index, epoch) -> (tokens_L int32, label); the epoch does not
+    matter (cached tokens are unaugmented)."""
+
+    def __init__(self, tokens_NL: torch.Tensor, labels_N: torch.Tensor):
+        self.tokens_NL, self.labels_N = tokens_NL, labels_N
+
+    def __len__(self) -> int:
+        return len(self.labels_N)
+
+    def __getitem__(self, key: tuple[int, int]):
+        index, _epoch = key
+        return self.tokens_NL[index], int(self.labels_N[index])
 
 
 class VARJob(TrainJob):
     export_name = "var"
 
     def __init__(self, cfg: TrainConfig, var_config: VARConfig, dataset, device: torch.device, main_process: bool,
-                 sample_images: Callable | None = None):
+                 sample_images: Callable | None = None, val_dataset=None):
         # sample_images(model, vae, labels, cfg) -> images in [0, 1]: given by train.py (a sampler), so the
         # training layer never imports the sampling layer above it; None disables the periodic grids.
         self.sample_images = sample_images
         if not cfg.train.tokenizer:
             raise ValueError("VAR training needs train.tokenizer = path of the frozen tokenizer (.safetensors or official .pth)")
-        self.cfg, self.dataset = cfg, dataset
+        self.cfg, self.dataset, self.val_split = cfg, dataset, val_dataset
         self.vae = load_any(cfg.train.tokenizer, "vqvae", device=device).eval().requires_grad_(False)
         self.model = VAR(var_config)
         check_models_compatible(self.model, self.vae, "the [var] config")
+        # what init_from did (class embedding kept, re-initialised or resized), for the log
+        self.init_report = None
         if cfg.train.init_from:
-            load_state_dict_checked(self.model, load_any(cfg.train.init_from, "var").state_dict(), cfg.train.init_from)
+            self.init_report = load_init_from(self.model, cfg.train.init_from, "var", class_mode=cfg.train.init_class_embedding)
         num_classes = len(getattr(dataset, "classes", [])) or var_config.num_classes
         if num_classes > var_config.num_classes:
             raise ValueError(f"the dataset has {num_classes} classes but var.num_classes = {var_config.num_classes}; "
                              f"remove num_classes from [var] (it defaults to the dataset's) or raise it")
         self.model.to(device)
+        self.device = device
         self.patch_nums = self.vae.patch_nums
-        self.tokens = self._tokenise_dataset(device, main_process) if cfg.train.tokens != "stream" else None
+        self.transform = VARTransform.from_config(cfg.data)
+        self.token_mode = resolve_token_mode(cfg.data, cfg.train.tokens, len(dataset))
+        self.skipped = 0  # unreadable images skipped by streamed batches so far (data.skip_corrupt)
+        self.tokens = self._cached_tokens(main_process) if self.token_mode == "cache" else None
 
-    # ---- job interface ----------------------------------------------------------------------------
+    # ---- data: the loader contract (training/trainer.py) --------------------------------------------
     def num_items(self) -> int:
         return len(self.dataset)
 
-    def fetch(self, indices: list[int], device: torch.device):
+    def loader_dataset(self) -> Dataset:
         if self.tokens is not None:
-            flat, labels = self.tokens[0][indices].to(device).long(), self.tokens[1][indices].to(device)
-        else:
-            imgs, labels = zip(*(self.dataset[i] for i in indices))
-            with torch.no_grad():
-                flat = torch.cat(self.vae.img_to_tokens(torch.stack(imgs).to(device)), dim=1)
-            labels = torch.tensor(labels, device=device)
-        return flat, labels
+            return TokenRows(*self.tokens)
+        return self._samples(self.dataset, train=True)
+
+    def loader_num_workers(self) -> int:
+        """DataLoader workers worth starting: none for cached token rows (an index into RAM), data.num_workers
+        for streamed images (decoding and augmentation)."""
+        return 0 if self.tokens is not None else self.cfg.data.num_workers
+
+    def val_dataset(self) -> Dataset | None:
+        if self.val_split is None:
+            return None
+        return self._samples(self.val_split, train=False)
+
+    def _samples(self, dataset, train: bool) -> ImageSamples:
+        return ImageSamples(dataset, self.transform, self.cfg.train.seed, train=train, skip_corrupt=self.cfg.data.skip_corrupt)
+
+    def collate(self, samples: list):
+        """Image samples (img, label, bad) -> collate_images' dict; token rows -> (tokens_BL int32, labels_B)."""
+        if len(samples[0]) == 3:
+            return collate_images(samples)
+        tokens, labels = zip(*samples)
+        return torch.stack(tokens), torch.tensor(labels, dtype=torch.int64)
+
+    def prepare_batch(self, batch, device: torch.device):
+        """-> (flat_BL long, labels_B) on `device`; images are encoded here, without gradients."""
+        if isinstance(batch, dict):
+            self.skipped += int(batch.get("skipped", 0))
+            return self.encode(batch["images"].to(device)), batch["labels"].to(device)
+        tokens_BL, labels_B = batch
+        return tokens_BL.to(device).long(), labels_B.to(device)
+
+    def fetch(self, indices: list[int], device: torch.device):
+        """The batch of dataset `indices` (epoch 0), for callers without a DataLoader."""
+        if self.tokens is not None:  # the pre-loader path, bitwise: shipped runs stay reproducible
+            return self.tokens[0][indices].to(device).long(), self.tokens[1][indices].to(device)
+        samples = self.loader_dataset()
+        return self.prepare_batch(self.collate([samples[(i, 0)] for i in indices]), device)
+
+    @torch.no_grad()
+    def encode(self, img_B3HW: torch.Tensor) -> torch.Tensor:
+        """(B, L) long tokens of images in [-1, 1]. fp32 even inside an autocast region: tokens must not
+        depend on the mixed-precision setting (the cache is built outside autocast)."""
+        with torch.autocast(device_type=img_B3HW.device.type, enabled=False):
+            return torch.cat(self.vae.img_to_tokens(img_B3HW.float()), dim=1)
+
+    # ---- losses ---------------------------------------------------------------------------------------
+    def teacher_forced(self, flat_BL: torch.Tensor, labels_B: torch.Tensor, model=None) -> torch.Tensor:
+        """(B, L, V) logits of `model` (the trained one by default) on the teacher-forced input of flat_BL."""
+        idx_per_scale = list(flat_BL.split([p * p for p in self.patch_nums], dim=1))
+        with torch.no_grad():
+            x_tf = self.vae.teacher_forcing_input(idx_per_scale)
+        return (model or self.model)(labels_B, x_tf)
+
+    def scale_accuracy(self, logits_BLV: torch.Tensor, flat_BL: torch.Tensor) -> dict:
+        correct = (logits_BLV.detach().argmax(-1) == flat_BL).float()
+        return {f"acc_s{si}": part.mean() for si, part in enumerate(correct.split([p * p for p in self.patch_nums], dim=1))}
 
     def loss(self, batch, step: int):
         """Uniform per-token cross-entropy over all scales (spec 6.1: a plain mean, large scales dominate);
         condition dropout happens inside the model's training forward."""
         flat_BL, labels_B = batch
-        idx_per_scale = list(flat_BL.split([p * p for p in self.patch_nums], dim=1))
-        with torch.no_grad():
-            x_tf = self.vae.teacher_forcing_input(idx_per_scale)
-        logits_BLV = self.model(labels_B, x_tf)
+        logits_BLV = self.teacher_forced(flat_BL, labels_B)
         loss = F.cross_entropy(logits_BLV.flatten(0, 1), flat_BL.flatten(), label_smoothing=self.cfg.train.label_smoothing)
-        metrics = {"loss": loss.detach()}
-        with torch.no_grad():
-            correct = (logits_BLV.argmax(-1) == flat_BL).float()
-            for si, part in enumerate(correct.split([p * p for p in self.patch_nums], dim=1)):
-                metrics[f"acc_s{si}"] = part.mean()
-        return loss, metrics
+        return loss, {"loss": loss.detach(), **self.scale_accuracy(logits_BLV, flat_BL)}
+
+    @torch.no_grad()
+    def val_metrics(self, batch) -> dict:
+        """Held-out cross-entropy (no label smoothing: the plain likelihood) and per-scale accuracy; the
+        trainer puts the model in eval mode (no condition dropout) and logs them as val_*."""
+        flat_BL, labels_B = batch
+        logits_BLV = self.teacher_forced(flat_BL, labels_B)
+        loss = F.cross_entropy(logits_BLV.float().flatten(0, 1), flat_BL.flatten())
+        return {"loss": float(loss), **{k: float(v) for k, v in self.scale_accuracy(logits_BLV, flat_BL).items()}}
 
     def after_step(self, extra_optimizers, step, micro, acc) -> dict:
         return {}
@@ -95,75 +188,36 @@ class VARJob(TrainJob):
                  "tokenizer_sha256": file_sha256(self.cfg.train.tokenizer)}
         save_model(path, model, extra=extra)
 
-    # ---- token cache --------------------------------------------------------------------------------
-    @torch.no_grad()
-    def _tokenise_dataset(self, device, main_process: bool, batch_size: int = 256):
-        """Tokens of every image, once (exact: the data pipeline has no random augmentation). Cached
-        pickle-free (see TOKEN_CACHE_FORMAT); a corrupt or stale cache is rebuilt with a warning."""
+    # ---- token cache ----------------------------------------------------------------------------------
+    def cache_identity(self) -> tuple[dict, dict | None]:
+        """(identity of the sharded cache, identity of an old single-file cache or None when such a cache
+        cannot hold these images: it predates the VAR transform, so only its unaugmented default matches)."""
+        d, t = self.cfg.data, self.transform
+        num_tokens = sum(p * p for p in self.patch_nums)
+        tokenizer_sha256 = file_sha256(self.cfg.train.tokenizer)
+        settings = {"kind": d.kind, "root": d.root, "split": d.split, "image_size": d.image_size,
+                    "num_samples": d.num_samples, "num_classes": d.num_classes, "seed": self.cfg.train.seed}
+        identity = {"tokenizer_sha256": tokenizer_sha256, "dataset": dataset_fingerprint(self.dataset, settings),
+                    **t.describe(), "num_tokens": num_tokens}
+        legacy = None
+        if t.legacy and not t.hflip:
+            legacy = {"tokenizer_sha256": tokenizer_sha256, "num_items": len(self.dataset), **settings,
+                      "num_tokens": num_tokens}
+        return identity, legacy
+
+    def _cached_tokens(self, main_process: bool):
+        """Tokens of every training image (epoch 0 of the unaugmented train transform, the images the stream
+        mode encodes), from the cache or built now, each process encoding its own block."""
+        from accelerate import PartialState
+
+        state = PartialState()
         cache = Path(self.cfg.train.token_cache or Path(self.cfg.train.out_dir) / "token_cache.safetensors")
-        d = self.cfg.data
-        identity = {"tokenizer_sha256": file_sha256(self.cfg.train.tokenizer), "num_items": len(self.dataset),
-                    "kind": d.kind, "root": d.root, "split": d.split, "image_size": d.image_size,
-                    "num_samples": d.num_samples, "num_classes": d.num_classes, "seed": self.cfg.train.seed,
-                    "num_tokens": sum(p * p for p in self.patch_nums)}
-        cached, problem = read_token_cache(cache, identity)
-        if cached is not None:
-            return cached
-        if problem is not None and main_process:
-            warnings.warn(f"token cache {cache}: {problem}; rebuilding it", stacklevel=2)
-        tokens, labels = [], []
-        for start in tqdm(range(0, len(self.dataset), batch_size), desc="tokenise", disable=not main_process):
-            imgs, labs = zip(*(self.dataset[i] for i in range(start, min(start + batch_size, len(self.dataset)))))
-            tokens.append(torch.cat(self.vae.img_to_tokens(torch.stack(imgs).to(device)), dim=1).to(torch.int32).cpu())
-            labels.append(torch.tensor(labs))
-        result = torch.cat(tokens), torch.cat(labels)
-        if main_process:
-            write_token_cache(cache, identity, *result)
-        return result
+        samples = self._samples(self.dataset, train=True)
 
+        def encode_fn(indices: list[int]):
+            batch = collate_images([samples[(i, 0)] for i in indices])
+            return self.encode(batch["images"].to(self.device)).to(torch.int32).cpu(), batch["labels"]
 
-# Token cache format: `<cache>` is a safetensors file (tokens_NL int32, labels_N int64) and `<cache>.json` its
-# manifest (written after it): the identity it was built for (tokenizer weights sha256, dataset settings and
-# size, seed, tokens per image) and the data file's sha256.
-TOKEN_CACHE_FORMAT = "var-toolkit-token-cache"
-
-
-def token_cache_manifest(cache: Path) -> Path:
-    return cache.with_name(cache.name + ".json")
-
-
-def read_token_cache(cache: Path, identity: dict) -> tuple[tuple[torch.Tensor, torch.Tensor] | None, str | None]:
-    """((tokens, labels), None) when `cache` is intact and built for `identity`, else (None, why not; None
-    when there simply is no cache yet). Never unpickles: an old torch.save cache is just rebuilt."""
-    if not cache.exists():
-        return None, None
-    manifest = token_cache_manifest(cache)
-    try:
-        doc = json.loads(manifest.read_text())
-        if not isinstance(doc, dict) or doc.get("format") != TOKEN_CACHE_FORMAT:
-            raise ValueError(f"not a {TOKEN_CACHE_FORMAT} manifest")
-    except FileNotFoundError:
-        return None, f"no manifest {manifest.name} beside it (an old-format or interrupted cache)"
-    except (OSError, UnicodeDecodeError, ValueError) as err:
-        return None, f"its manifest {manifest.name} is unreadable ({err})"
-    stale = [k for k in identity if doc.get(k) != identity[k]]
-    if stale:
-        return None, f"stale (built for other {', '.join(stale)})"
-    if file_sha256(cache) != doc.get("sha256"):
-        return None, f"corrupt (its sha256 does not match {manifest.name})"
-    try:
-        saved = load_file(cache)
-        tokens, labels = saved["tokens_NL"], saved["labels_N"]
-    except Exception as err:  # safetensors raises its own error type for malformed files
-        return None, f"corrupt ({err})"
-    n, num_tokens = identity["num_items"], identity["num_tokens"]
-    if tokens.shape != (n, num_tokens) or tokens.dtype != torch.int32 or labels.shape != (n,):
-        return None, f"corrupt (tokens {tuple(tokens.shape)} {tokens.dtype}, labels {tuple(labels.shape)})"
-    return (tokens, labels), None
-
-
-def write_token_cache(cache: Path, identity: dict, tokens_NL: torch.Tensor, labels_N: torch.Tensor) -> None:
-    """Data first, manifest last: a kill in between leaves a cache whose manifest does not match (rebuilt)."""
-    atomic_write(cache, lambda tmp: save_file({"tokens_NL": tokens_NL.contiguous(), "labels_N": labels_N.contiguous()}, tmp))
-    atomic_write_json(token_cache_manifest(cache), {"format": TOKEN_CACHE_FORMAT, "version": 1, **identity,
-                                                   "sha256": file_sha256(cache)})
+        identity, legacy = self.cache_identity()
+        return build_token_cache(cache, identity, len(self.dataset), encode_fn, state.process_index,
+                                 state.num_processes, state.wait_for_everyone, main_process, legacy_identity=legacy)

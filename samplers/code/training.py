@@ -83,17 +83,15 @@ class CoDeDrafterJob(VARJob):
     """VAR job whose loss only covers the drafting scales; start it from the pre-trained drafter (init_from)."""
     export_name = "var_drafter"
 
-    def __init__(self, cfg, var_config, dataset, device, main_process, code: CoDeTrainConfig, sample_images=None):
-        super().__init__(cfg, var_config, dataset, device, main_process, sample_images)
+    def __init__(self, cfg, var_config, dataset, device, main_process, code: CoDeTrainConfig, sample_images=None,
+                 val_dataset=None):
+        super().__init__(cfg, var_config, dataset, device, main_process, sample_images, val_dataset)
         check_draft_scales(self.patch_nums, code.draft_scales, 1)
         self.code = code
 
     def loss(self, batch, step: int):
         flat_BL, labels_B = batch
-        idx_per_scale = list(flat_BL.split([p * p for p in self.patch_nums], dim=1))
-        with torch.no_grad():
-            x_tf = self.vae.teacher_forcing_input(idx_per_scale)
-        logits_BLV = self.model(labels_B, x_tf)
+        logits_BLV = self.teacher_forced(flat_BL, labels_B)
         loss = drafter_loss(logits_BLV, flat_BL, self.patch_nums, self.code.draft_scales, self.cfg.train.label_smoothing)
         return loss, {"loss": loss.detach()}
 
@@ -106,10 +104,11 @@ class CoDeRefinerJob(VARJob):
     """
     export_name = "var_refiner"
 
-    def __init__(self, cfg, var_config, dataset, device, main_process, code: CoDeTrainConfig, sample_images=None):
+    def __init__(self, cfg, var_config, dataset, device, main_process, code: CoDeTrainConfig, sample_images=None,
+                 val_dataset=None):
         self.cond_drop_rate = var_config.cond_drop_rate
         super().__init__(cfg, dataclasses.replace(var_config, cond_drop_rate=0.0), dataset, device, main_process,
-                         sample_images)
+                         sample_images, val_dataset)
         check_draft_scales(self.patch_nums, code.draft_scales, 0)
         if not code.teacher:
             raise ValueError("the CoDe refiner job needs code.teacher = path of the larger pre-trained VAR")
