@@ -3,6 +3,9 @@ with augmentation are those of the transformed images, the mode resolution and i
 metrics against an independent cross-entropy, CoDe jobs on both modes, unreadable images in the cache build."""
 from __future__ import annotations
 
+import json
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -16,7 +19,7 @@ except ImportError:  # tests/ without __init__.py
     from test_training import TINY_VAE, write_var_config
 from samplers.code.training import CoDeDrafterJob, CoDeTrainConfig, drafter_loss
 from tokenizers import VQVAE, VQVAEConfig
-from training.checkpoint import load_any, save_model
+from training.checkpoint import load_any, load_model, save_model
 from training.config import DataConfig
 from training.data import build_datasets
 from training.loader import StepBatchSampler
@@ -208,3 +211,24 @@ def test_an_unreadable_image_in_the_cache_build_names_the_file_or_is_skipped(cfg
     index = job.dataset.items.index((bad, 1))
     stand_in = torch.stack([job.dataset[index + 1][0]])  # the next readable file stands in
     assert torch.equal(job.tokens[0][index].long(), direct_tokens(job, stand_in)[0])
+
+
+# ---- through the trainer --------------------------------------------------------------------------------
+def test_a_streamed_run_equals_a_cached_run_and_logs_validation(tmp_path, tokenizer):
+    """8 steps (two epochs' worth of batches) through train.py: the same log and bitwise the same weights."""
+    cfg = write_var_config(tmp_path, tokenizer, steps=8, cond_drop=0.2)
+    logs, weights = {}, {}
+    for mode in ("cache", "stream"):
+        out = tmp_path / mode
+        train.main(["var", "--config", str(cfg), "--set", f"train.out_dir={out}", "--set", f"train.tokens={mode}",
+                    "--set", "data.val_fraction=0.25", "--set", "train.val_every=4"])
+        records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        logs[mode] = [{k: v for k, v in r.items() if k == "step" or "loss" in k or "acc" in k or k == "grad_norm"}
+                      for r in records]
+        weights[mode] = load_model(out / "var.safetensors").state_dict()
+    assert logs["cache"] == logs["stream"]
+    val = [r for r in logs["cache"] if "val_loss" in r]
+    assert [r["step"] for r in val] == [4, 8] and all(math.isfinite(r["val_loss"]) for r in val)
+    assert all(torch.equal(weights["cache"][k], weights["stream"][k]) for k in weights["cache"])
+    assert (tmp_path / "cache" / "token_cache.safetensors.json").exists()
+    assert not (tmp_path / "stream" / "token_cache.safetensors.json").exists()

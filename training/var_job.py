@@ -82,9 +82,9 @@ class VARJob(TrainJob):
         self.model.to(device)
         self.device = device
         self.patch_nums = self.vae.patch_nums
+        self.tokens_per_item = sum(p * p for p in self.patch_nums)  # the trainer's tokens/s
         self.transform = VARTransform.from_config(cfg.data)
         self.token_mode = resolve_token_mode(cfg.data, cfg.train.tokens, len(dataset))
-        self.skipped = 0  # unreadable images skipped by streamed batches so far (data.skip_corrupt)
         self.tokens = self._cached_tokens(main_process) if self.token_mode == "cache" else None
 
     # ---- data: the loader contract (training/trainer.py) --------------------------------------------
@@ -118,8 +118,7 @@ class VARJob(TrainJob):
 
     def prepare_batch(self, batch, device: torch.device):
         """-> (flat_BL long, labels_B) on `device`; images are encoded here, without gradients."""
-        if isinstance(batch, dict):
-            self.skipped += int(batch.get("skipped", 0))
+        if isinstance(batch, dict):  # its "skipped" count is the trainer's to log
             return self.encode(batch["images"].to(device)), batch["labels"].to(device)
         tokens_BL, labels_B = batch
         return tokens_BL.to(device).long(), labels_B.to(device)
@@ -193,7 +192,7 @@ class VARJob(TrainJob):
         """(identity of the sharded cache, identity of an old single-file cache or None when such a cache
         cannot hold these images: it predates the VAR transform, so only its unaugmented default matches)."""
         d, t = self.cfg.data, self.transform
-        num_tokens = sum(p * p for p in self.patch_nums)
+        num_tokens = self.tokens_per_item
         tokenizer_sha256 = file_sha256(self.cfg.train.tokenizer)
         settings = {"kind": d.kind, "root": d.root, "split": d.split, "image_size": d.image_size,
                     "num_samples": d.num_samples, "num_classes": d.num_classes, "seed": self.cfg.train.seed}
