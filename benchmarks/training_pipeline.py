@@ -16,8 +16,8 @@ Sections (--sections data,mfu,scaling; all by default):
            step (matmuls and attention; model FLOPs, no recomputation counted, the block-causal mask computed
            dense as SDPA does), divided by the median step time and by the fp32 matmul peak measured in the same
            process (same threads) before and after the section (the larger of the two).
-  scaling  `python train.py var` vs 2 gloo processes (`accelerate launch --multi_gpu --num_processes 2` with the
-           GPUs hidden; `--cpu` would start one process) at the same global batch, on procedural 32 px data with
+  scaling  `python train.py var` vs 2 gloo processes (`accelerate launch --config_file
+           configs/accelerate/ddp_cpu_2proc.yaml`, GPUs hidden, a free port) at the same global batch, on procedural 32 px data with
            a random tokenizer of the shipped shape and the tiny shipped VAR shape; images/s from the wall_s of
            metrics.jsonl after --warmup-steps steps (start-up, token caching and export excluded). Optionally
            also one process with twice the threads: the same cores as the 2-process run.
@@ -31,6 +31,7 @@ import hashlib
 import json
 import os
 import platform
+import socket
 import statistics
 import subprocess
 import sys
@@ -262,22 +263,40 @@ def log_throughput(records: list[dict], global_batch: int, warmup_steps: int) ->
     steps = timed[-1]["step"] - timed[0]["step"]
     seconds = timed[-1]["wall_s"] - timed[0]["wall_s"]
     step_s = [b["wall_s"] - a["wall_s"] for a, b in zip(timed, timed[1:]) if b["step"] == a["step"] + 1]
-    return {"timed_steps": steps, "seconds": seconds, "images_per_s": steps * global_batch / seconds,
-            "step_s_median": statistics.median(step_s) if step_s else seconds / steps}
+    out = {"timed_steps": steps, "seconds": seconds, "images_per_s": steps * global_batch / seconds,
+           "step_s_median": statistics.median(step_s) if step_s else seconds / steps}
+    own = [r["images_per_s"] for r in timed[1:] if "images_per_s" in r]  # the trainer's meter, as a cross-check
+    if own:
+        out["trainer_images_per_s_median"] = statistics.median(own)
+    return out
 
 
-def scaling_command(processes: int, config: Path, out_dir: Path, threads: int) -> list[str]:
-    train = [str(REPO / "train.py"), "var", "--config", str(config), "--set", f"train.out_dir={out_dir}",
+ACCELERATE_CPU = REPO / "configs" / "accelerate" / "ddp_cpu_2proc.yaml"
+
+
+def free_port() -> int:
+    """A port nobody listens on now: a fixed rendezvous port collides with other launches on the machine."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def scaling_command(processes: int, config: Path, out_dir: Path, threads: int, port: int | str = 29500) -> list[str]:
+    train = ["train.py", "var", "--config", str(config), "--set", f"train.out_dir={out_dir}",
              "--set", f"train.num_threads={threads}"]
     if processes == 1:
         return [sys.executable, *train]
-    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
-            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", *train]
+    launch = [sys.executable, "-m", "accelerate.commands.launch"]
+    if ACCELERATE_CPU.is_file() and processes == 2:
+        launch += ["--config_file", str(ACCELERATE_CPU.relative_to(REPO))]
+    else:
+        launch += ["--multi_gpu", "--num_processes", str(processes), "--num_machines", "1", "--mixed_precision", "no"]
+    return [*launch, "--main_process_port", str(port), "--dynamo_backend", "no", *train]
 
 
 def run_training(processes: int, threads: int, config: Path, out_dir: Path, args) -> dict:
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(threads), "CUDA_VISIBLE_DEVICES": ""}
-    cmd = scaling_command(processes, config, out_dir, threads)
+    cmd = scaling_command(processes, config, out_dir, threads, free_port())
     start = time.perf_counter()
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=args.run_timeout)
     if done.returncode != 0:
@@ -319,9 +338,11 @@ def bench_scaling(args, tmp: Path) -> dict:
                      "torch_threads": runs[0]["torch_threads"], "backend": runs[0]["backend"],
                      "images_per_s": summarise([x["images_per_s"] for x in runs]),
                      "step_s": summarise([x["step_s_median"] for x in runs]),
+                     "trainer_images_per_s": [x.get("trainer_images_per_s_median") for x in runs],
                      "vs_1_process": summarise([x["images_per_s"] / b["images_per_s"] for x, b in zip(runs, base)]),
-                     "command": " ".join(Path(c).name if c == sys.executable else c for c in
-                                         scaling_command(processes, Path("CONFIG"), Path("OUT"), threads))})
+                     "command": f"CUDA_VISIBLE_DEVICES= OMP_NUM_THREADS={threads} " + " ".join(
+                         "python" if c == sys.executable else c
+                         for c in scaling_command(processes, Path("CONFIG"), Path("OUT"), threads, "FREE_PORT"))})
     return {"model": {k: TINY_SHAPE[k] for k in ("depth", "embed_dim", "num_heads")}, "image_size": 32,
             "global_batch": args.global_batch, "steps": args.steps, "warmup_steps": args.warmup_steps,
             "num_samples": args.num_samples, "tokens": "cache", "rows": rows, "target_scaling": SCALING_TARGET,

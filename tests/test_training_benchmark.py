@@ -37,10 +37,11 @@ def test_throughput_from_metrics_log():
     records = [{"step": 1, "loss": 2.0, "wall_s": 3.0}, {"step": 2, "loss": 1.9, "wall_s": 4.0},
                {"step": 2, "val_loss": 1.8},  # a validation line: no wall_s, ignored
                {"step": 3, "loss": 1.7, "wall_s": 5.5}, {"step": 4, "loss": 1.6, "wall_s": 6.5},
-               {"step": 5, "loss": 1.5, "wall_s": 8.0}]
+               {"step": 5, "loss": 1.5, "wall_s": 8.0, "images_per_s": 5.0}]
     one = tp.log_throughput(records, global_batch=8, warmup_steps=1)
     assert one["timed_steps"] == 4 and one["seconds"] == pytest.approx(5.0)
     assert one["images_per_s"] == pytest.approx(4 * 8 / 5.0) and one["step_s_median"] == pytest.approx(1.25)
+    assert one["trainer_images_per_s_median"] == 5.0  # the trainer's own meter is carried along, not used
     two = tp.log_throughput(records, global_batch=8, warmup_steps=2)
     assert two["images_per_s"] == pytest.approx(3 * 8 / 4.0)
     with pytest.raises(ValueError, match="too few"):
