@@ -118,10 +118,12 @@ class VARJob(TrainJob):
 
     def prepare_batch(self, batch, device: torch.device):
         """-> (flat_BL long, labels_B) on `device`; images are encoded here, without gradients."""
+        # non_blocking: the trainer pins loader batches on CUDA; on CPU it is a plain copy
         if isinstance(batch, dict):  # its "skipped" count is the trainer's to log
-            return self.encode(batch["images"].to(device)), batch["labels"].to(device)
+            images = batch["images"].to(device, non_blocking=True)
+            return self.encode(images), batch["labels"].to(device, non_blocking=True)
         tokens_BL, labels_B = batch
-        return tokens_BL.to(device).long(), labels_B.to(device)
+        return tokens_BL.to(device, non_blocking=True).long(), labels_B.to(device, non_blocking=True)
 
     def fetch(self, indices: list[int], device: torch.device):
         """The batch of dataset `indices` (epoch 0), for callers without a DataLoader."""
