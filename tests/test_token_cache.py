@@ -151,6 +151,10 @@ def test_corrupt_or_missing_shard_is_rebuilt(tmp_path, setup):
     shard.unlink()
     with pytest.warns(UserWarning, match=r"incomplete \(shard t.safetensors.shard-00001-of-00002.safetensors is missing\)"):
         assert torch.equal(build(cache, setup, world=2)[1][0], truth)
+    doc = json.loads(token_cache_manifest(cache).read_text())
+    token_cache_manifest(cache).write_text(json.dumps({**doc, "shards": ["x"]}))  # hand-edited
+    with pytest.warns(UserWarning, match=r"its manifest t.safetensors.json is malformed \(AttributeError"):
+        assert torch.equal(build(cache, setup, world=1)[0][0], truth)
     token_cache_manifest(cache).write_text("{not json")
     with pytest.warns(UserWarning, match=r"its manifest t.safetensors.json is unreadable"):
         assert torch.equal(build(cache, setup, world=1)[0][0], truth)

@@ -143,8 +143,10 @@ def read_token_cache(cache: str | Path, identity: dict, legacy_identity: dict | 
         if doc.get("version") == 1:
             return _read_legacy(cache, doc, legacy_identity), None
         return None, f"its manifest {manifest.name} has unknown version {doc.get('version')!r}"
-    except (ValueError, KeyError, TypeError) as err:
-        return None, str(err).strip("'")
+    except ValueError as err:
+        return None, str(err)
+    except (KeyError, TypeError, AttributeError) as err:  # a hand-edited manifest
+        return None, f"its manifest {manifest.name} is malformed ({type(err).__name__}: {err})"
 
 
 # ---- building --------------------------------------------------------------------------------------------
