@@ -165,8 +165,9 @@ class ProxyQuality:
                               compute_is=False, device=self.device, kid_subset_size=min(1000, self.count),
                               bootstrap=200, ci_seed=self.seed)
         m, ci = report["metrics"], report.get("intervals", {})
-        out = {"proxy_fd": m["proxy_fd"], "proxy_accuracy": m["proxy_accuracy"], "proxy_images": self.count}
-        for key in ("proxy_fd", "proxy_accuracy"):  # 95 % intervals (basic bootstrap / Wilson)
+        out = {key: m[key] for key in ("proxy_fd", "proxy_accuracy", "proxy_precision", "proxy_recall") if key in m}
+        out["proxy_images"] = self.count
+        for key in ("proxy_fd", "proxy_accuracy", "proxy_precision", "proxy_recall"):  # 95 % intervals
             if key in ci:
                 out[f"{key}_ci"] = [ci[key]["low"], ci[key]["high"]]
         if baseline is not None:

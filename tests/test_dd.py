@@ -305,10 +305,10 @@ def test_train_py_dd_job_resumes_exactly_and_exports_a_loadable_student(tmp_path
     full = train.main(["dd", "--config", str(cfg_path), "--set", f"train.out_dir={tmp_path / 'full'}"])
     original = Trainer._train_step
 
-    def dying_step(self):
+    def dying_step(self, *args):
         if self.step == 3:
             raise Interrupt()
-        return original(self)
+        return original(self, *args)
 
     monkeypatch.setattr(Trainer, "_train_step", dying_step)
     with pytest.raises(Interrupt):

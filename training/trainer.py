@@ -35,6 +35,9 @@ from training.atomic import atomic_write
 from training.images import save_png_atomic
 from training.optim import EMA, build_adamw, set_schedule
 from training.config import TrainConfig
+from training.loader import StepBatchSampler, make_loader
+from training.tracking import (StepMeter, accelerator_tracking_kwargs, finish_trackers, log_trackers,
+                               start_trackers)
 from training.run_state import (StateFormatError, check_folder, load_tree, read_log_records, rng_state, save_tree,
                                 set_rng_state, write_manifest)
 
@@ -59,7 +62,8 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     handlers = [GradScalerKwargs(init_scale=2.0**11, growth_interval=1000)] if mp == "fp16" else []
-    return Accelerator(mixed_precision=mp, cpu=not on_cuda, kwargs_handlers=handlers)
+    tracking = accelerator_tracking_kwargs(cfg.train, cfg.train.out_dir)  # a bad log_with fails before any file is written
+    return Accelerator(mixed_precision=mp, cpu=not on_cuda, kwargs_handlers=handlers, **tracking)
 
 
 def _plain(obj):
@@ -137,24 +141,39 @@ class Trainer:
         self.step, self.epoch, self.pos = 0, 0, 0
         self.wall_s = 0.0  # training wall time, carried over by --resume
         self.ema = EMA(job.model, cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None
-        self.optimizers = [build_adamw(job.model, cfg.optim)] + job.extra_optimizers(cfg.optim)
-        prepared = accelerator.prepare(job.model, *job.extra_models(), *self.optimizers)
-        n_models = 1 + len(job.extra_models())
-        job.set_prepared(prepared[:n_models])
-        self.optimizers = list(prepared[n_models:])
+        # Models first, optimizers over the prepared models' parameters: FSDP shards the parameters
+        # when it wraps the model, and an optimizer built before would hold the unsharded ones.
+        models = accelerator.prepare(*job.all_models())
+        job.set_prepared(list(models) if isinstance(models, (list, tuple)) else [models])
+        optimizers = [build_adamw(accelerator.unwrap_model(job.model), cfg.optim)] + job.extra_optimizers(cfg.optim)
+        prepared = accelerator.prepare(*optimizers)
+        self.optimizers = list(prepared) if isinstance(prepared, (list, tuple)) else [prepared]
+        self.skipped = 0  # unreadable images skipped so far (data.skip_corrupt)
+        # Checkpointed objects besides models and optimizers (state_dict / load_state_dict), stored in the
+        # pickle-free train state under their name; jobs may register more.
+        self.registered: dict[str, object] = {}
+        self._val_loader = None
 
-    # ---- data order: a seeded permutation per epoch, each global batch split over processes ---------
-    def _global_indices(self) -> list[int]:
-        if self.pos + self.cfg.optim.batch_size > self.num_items:
-            self.epoch, self.pos = self.epoch + 1, 0
-        perm = torch.randperm(self.num_items, generator=torch.Generator().manual_seed(self.cfg.train.seed * 100_003 + self.epoch))
-        batch = perm[self.pos: self.pos + self.cfg.optim.batch_size].tolist()
-        self.pos += self.cfg.optim.batch_size
-        return batch
+    def register_for_checkpointing(self, name: str, obj) -> None:
+        """Like accelerate's, but stored pickle-free in the train state (training/run_state.py)."""
+        if name in self.registered or name in STATE_KEYS:
+            raise ValueError(f"a checkpointed object named {name!r} is already registered")
+        self.registered[name] = obj
 
-    def _micro_batches(self, global_batch: list[int]) -> list[list[int]]:
-        rank, world, m = self.acc.process_index, self.acc.num_processes, self.micro_batch
-        return [global_batch[(i * world + rank) * m: (i * world + rank + 1) * m] for i in range(self.cfg.optim.grad_accum)]
+    # ---- data: a seeded permutation per epoch, each global batch split over processes (training/loader.py)
+    def _data_position(self) -> tuple[int, int]:
+        """(epoch, position in the epoch's permutation) where step `self.step` starts: a pure function of the step."""
+        return self._sampler(self.step).epoch_pos(self.step)
+
+    def _sampler(self, start_step: int) -> StepBatchSampler:
+        cfg, acc = self.cfg, self.acc
+        return StepBatchSampler(self.num_items, cfg.optim.batch_size, cfg.optim.grad_accum, acc.num_processes,
+                                acc.process_index, cfg.train.seed, start_step, cfg.train.steps)
+
+    def _loader(self, dataset, batch_sampler):
+        d = self.cfg.data
+        return make_loader(dataset, batch_sampler, self.job.collate, d.num_workers, d.persistent_workers,
+                           d.prefetch_factor, pin_memory=self.acc.device.type == "cuda", seed=self.cfg.train.seed)
 
     # ---- the loop -----------------------------------------------------------------------------------
     def train(self, resume: bool = False) -> Path:
@@ -172,37 +191,50 @@ class Trainer:
                                                        "mixed_precision": acc.mixed_precision,
                                                        "device": str(acc.device), "torch_threads": torch.get_num_threads()}}
             atomic_write_bytes(self.out / "config.json", json.dumps(run_info, indent=2).encode())
+        start_trackers(acc, cfg.train.tracker_project, asdict(cfg))
         self._seed_everything(resume)
+        meter = StepMeter(acc.device, tokens_per_image=self.job.tokens_per_item, num_processes=acc.num_processes)
         total = cfg.train.steps
+        batches = iter(self._loader(self.job.loader_dataset(), self._sampler(self.step)))
         bar = tqdm(total=total, initial=self.step, disable=not acc.is_main_process, desc=f"train {cfg.job}")
         started = time.perf_counter() - self.wall_s
         while self.step < total:
-            metrics = self._train_step()
+            meter.start()
+            metrics = self._train_step(batches, meter)
+            meter.stop(self.micro_batch * cfg.optim.grad_accum)
             self.step += 1
+            self.epoch, self.pos = self._data_position()
             self.wall_s = time.perf_counter() - started
             bar.update(1)
             if self.ema is not None:
                 self.ema.update(acc.unwrap_model(self.job.model))
             if acc.is_main_process and (self.step % cfg.train.log_every == 0 or self.step == total):
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}")
-                self._log({"step": self.step, "epoch": self.epoch, **metrics, "wall_s": round(self.wall_s, 2)})
+                self._log({"step": self.step, "epoch": self.epoch, **metrics, **meter.window(),
+                           "skipped_images": self.skipped, "wall_s": round(self.wall_s, 2)})
+            if cfg.train.val_every and (self.step % cfg.train.val_every == 0 or self.step == total):
+                self._validate()
             if self.step % cfg.train.sample_every == 0 or self.step == total:
                 self._sample_grid()
             if self.step % cfg.train.ckpt_every == 0 or self.step == total:
                 self._save_checkpoint()
         bar.close()
+        finish_trackers(acc)
         return self._export()
 
-    def _train_step(self) -> dict:
+    def _train_step(self, batches, meter: StepMeter) -> dict:
         """One optimiser update over the global batch: grad_accum micro-batches per process, gradients
         synchronised once (on the last micro-batch), clipped, then the generator step and the job's
         extra steps (the tokenizer's discriminator)."""
         cfg, acc, job = self.cfg, self.acc, self.job
         lr = [set_schedule(opt, self.step, cfg.train.steps, cfg.optim) for opt in self.optimizers][0]
-        micro = self._micro_batches(self._global_indices())
-        sums: dict[str, float] = {}
-        for i, indices in enumerate(micro):
-            batch = job.fetch(indices, acc.device)
+        micro = [next(batches) for _ in range(cfg.optim.grad_accum)]
+        meter.data_ready()
+        # unreadable images skipped in this step, x processes: the mean over processes below is then the sum
+        sums: dict[str, float] = {"skipped_step": float(acc.num_processes * sum(
+            int(b["skipped"]) for b in micro if isinstance(b, dict) and "skipped" in b))}
+        for i, cpu_batch in enumerate(micro):
+            batch = job.prepare_batch(cpu_batch, acc.device)
             last = i == len(micro) - 1
             with acc.no_sync(job.model) if not last else nullcontext():
                 with acc.autocast():
@@ -211,8 +243,10 @@ class Trainer:
                 acc.backward(loss / len(micro))
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + float(v) / len(micro)
+        # without clipping the norm is still measured (max_norm = inf leaves the gradients unchanged)
+        max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
+        sums["grad_norm"] = float(acc.clip_grad_norm_(job.model.parameters(), max_norm))
         if cfg.optim.grad_clip > 0:
-            sums["grad_norm"] = float(acc.clip_grad_norm_(job.model.parameters(), cfg.optim.grad_clip))
             # fp16 skips steps with inf gradients through its scaler; elsewhere a non-finite norm is fatal
             if acc.scaler is None and not math.isfinite(sums["grad_norm"]):
                 self._stop(f"non-finite gradient norm ({sums['grad_norm']})")
@@ -222,7 +256,9 @@ class Trainer:
         sums["lr"] = lr
         keys = sorted(sums)  # one collective for all metrics (same keys on every process)
         means = acc.reduce(torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=acc.device), "mean")
-        return dict(zip(keys, means.tolist()))
+        metrics = dict(zip(keys, means.tolist()))
+        self.skipped += round(metrics.pop("skipped_step"))
+        return metrics
 
     def _check_finite(self, loss: torch.Tensor) -> None:
         """Every process takes the same decision (the flag is summed), so none is left waiting in a collective."""
@@ -237,10 +273,52 @@ class Trainer:
                                  f"Last good checkpoint: {last}. Lower optim.base_lr or enable optim.grad_clip, "
                                  f"then continue it with --resume")
 
+    # ---- validation ---------------------------------------------------------------------------------------
+    def _val_batches(self, num_items: int) -> list[list[tuple[int, int]]]:
+        """This process's share of the held-out batches (in order, epoch 0), padded so every process runs the
+        same number of forwards (FSDP needs all of them in each one); padding batches get weight 0."""
+        m, world, rank = self.micro_batch, self.acc.num_processes, self.acc.process_index
+        batches = [[(i, 0) for i in range(start, min(start + m, num_items))] for start in range(0, num_items, m)]
+        if self.cfg.train.val_batches:
+            batches = batches[: self.cfg.train.val_batches]
+        per_rank = -(-len(batches) // world)
+        return [batches[b] if b < len(batches) else batches[0] for b in range(rank, per_rank * world, world)]
+
+    @torch.no_grad()
+    def _validate(self) -> None:
+        """Mean of the job's val_metrics over the held-out split (item-weighted, over all processes)."""
+        dataset = self.job.val_dataset()
+        if dataset is None:
+            return
+        acc, model = self.acc, self.job.model
+        was_training = model.training
+        model.eval()
+        sums: dict[str, float] = {}
+        count = 0.0
+        real = -(-min(len(dataset), (self.cfg.train.val_batches or len(dataset)) * self.micro_batch) // self.micro_batch)
+        batches = self._val_batches(len(dataset))
+        if self._val_loader is None:  # built once: with persistent_workers its workers live between passes
+            self._val_loader = self._loader(dataset, batches)
+        for b, cpu_batch in enumerate(self._val_loader):
+            weight = float(len(batches[b])) if b * acc.num_processes + acc.process_index < real else 0.0
+            with acc.autocast():
+                metrics = self.job.val_metrics(self.job.prepare_batch(cpu_batch, acc.device))
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + float(v) * weight
+            count += weight
+        model.train(was_training)
+        keys = sorted(sums)
+        totals = acc.reduce(torch.tensor([sums[k] for k in keys] + [count], dtype=torch.float64, device=acc.device), "sum")
+        means = {f"val_{k}": v / float(totals[-1]) for k, v in zip(keys, totals[:-1].tolist())}
+        if acc.is_main_process:
+            self._log({"step": self.step, "epoch": self.epoch, **means, "val_items": int(totals[-1])})
+
     # ---- logging, grids -------------------------------------------------------------------------------
     def _log(self, record: dict) -> None:
+        """metrics.jsonl always (one JSON record per line); accelerate trackers (train.log_with) too."""
         with open(self.out / "metrics.jsonl", "a") as fh:
             fh.write(json.dumps(record) + "\n")
+        log_trackers(self.acc, record, record["step"])
 
     def _sample_grid(self) -> None:
         if not self.acc.is_main_process:
@@ -279,7 +357,9 @@ class Trainer:
                      "optimizers": [o.state_dict() for o in self.optimizers],
                      "models": [acc.unwrap_model(m).state_dict() for m in self.job.all_models()],
                      "ema": self.ema.state_dict() if self.ema is not None else None,
-                     "scaler": acc.scaler.state_dict() if acc.scaler is not None else None}
+                     "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
+                     "skipped": self.skipped,
+                     "registered": {name: obj.state_dict() for name, obj in self.registered.items()}}
             save_tree(tmp, "state", state)
             write_manifest(tmp)
             shutil.rmtree(final, ignore_errors=True)
@@ -334,7 +414,14 @@ class Trainer:
             self.ema.load_state_dict(state["ema"])
         if self.acc.scaler is not None and state.get("scaler") is not None:
             self.acc.scaler.load_state_dict(state["scaler"])
+        missing = sorted(set(self.registered) - set(state.get("registered", {})))
+        if missing:
+            raise ValueError(f"--resume: {folder} holds no state for the registered object(s) {missing}; it was "
+                             f"written by a run without them: start a fresh run in another train.out_dir")
+        for name, obj in self.registered.items():
+            obj.load_state_dict(state["registered"][name])
         self.step, self.epoch, self.pos, self.wall_s = state["step"], state["epoch"], state["pos"], state["wall_s"]
+        self.skipped = int(state.get("skipped", 0))
         rng_stem = f"rng_rank{self.acc.process_index}"
         if state["world_size"] == self.acc.num_processes and f"{rng_stem}.json" in listed:
             set_rng_state(load_tree(folder, rng_stem), str(folder / f"{rng_stem}.json"))

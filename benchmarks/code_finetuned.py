@@ -1,0 +1,139 @@
+"""CoDe training-free vs fine-tuned (spec accelerators §1.3): the same protocol for both drafter/refiner pairs.
+
+Each pair is measured by benchmarks/benchmark.py (one protocol: interleaved rounds, medians with IQR, ratios
+against the pair's own `default` in the same rounds) twice: the full pipeline (tokenizer decoder included) and
+token generation only (`--no-decode`, as CoDe's paper times it). The full-pipeline run also scores
+`--quality-images` class-balanced images per sampler with the offline proxy (FD with a basic-bootstrap interval,
+accuracy with a Wilson interval) and compares every image with the pair's default on the same label and seed
+(PSNR, token agreement, t intervals).
+
+  training-free: checkpoints/fmnist/var_drafter + var_refiner (the pre-trained pair, no CoDe training)
+  fine-tuned:    checkpoints/fmnist/code_drafter + code_refiner (configs/fmnist_code_{drafter,refiner}.toml)
+
+  python -m benchmarks.code_finetuned --out benchmarks/results/code_finetuned_fmnist
+  python -m benchmarks.code_finetuned --readme     # regenerate the README block from the committed JSON
+"""
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from benchmarks import benchmark
+from training.atomic import atomic_write_json, atomic_write_text
+from training.errors import make_parser, run_cli
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = "checkpoints/fmnist"
+PAIRS = {"training-free": (f"{SHIPPED}/var_drafter.safetensors", f"{SHIPPED}/var_refiner.safetensors"),
+         "fine-tuned": (f"{SHIPPED}/code_drafter.safetensors", f"{SHIPPED}/code_refiner.safetensors")}
+RESULT = ROOT / "benchmarks" / "results" / "code_finetuned_fmnist.json"
+MARKERS = ("<!-- code-finetuned:start -->", "<!-- code-finetuned:end -->")
+
+
+def pair_argv(drafter: str, refiner: str, draft_scales: int, args, decode: bool) -> list[str]:
+    argv = ["--var", drafter, "--model", f"refiner={refiner}", "--sampler", "default",
+            "--sampler", f"code:draft_scales={draft_scales}", "--batch-sizes", args.batch_sizes,
+            "--repeats", str(args.repeats), "--warmup", "1", "--num-threads", str(args.num_threads),
+            "--seed", str(args.seed), "--out", "unused"]
+    if decode:
+        argv += ["--proxy-classifier", args.proxy_classifier, "--quality-images", str(args.quality_images)]
+    else:
+        argv.append("--no-decode")
+    return argv
+
+
+def run(args) -> dict:
+    runs = {}
+    for pair, (drafter, refiner) in PAIRS.items():
+        for decode in (True, False):
+            argv = pair_argv(drafter, refiner, args.draft_scales, args, decode)
+            bench_args = benchmark.build_parser().parse_args(argv)
+            bench_args.argv = argv
+            with torch.no_grad():
+                runs[f"{pair}/{'full' if decode else 'no_decode'}"] = benchmark.run(bench_args)
+    return {"meta": {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "draft_scales": args.draft_scales,
+                     "pairs": {k: {"drafter": d, "refiner": r} for k, (d, r) in PAIRS.items()},
+                     "quality_images": args.quality_images, "repeats": args.repeats},
+            "runs": runs}
+
+
+def _speed(run: dict, spec: str, batch: int) -> str:
+    row = next((r for r in run["rows"] if r["sampler"] == spec and r["batch"] == batch), None)
+    if row is None:
+        return "—"
+    text = f"{row['speedup_vs_baseline']:.2f}x ({1000 * row['median_s']:.0f} ± {1000 * row['iqr_s'] / 2:.0f} ms)"
+    return text + (" noisy" if row.get("noisy") else "")
+
+
+def _quality(run: dict, spec: str) -> tuple[str, str, str]:
+    row = next((r for r in run["rows"] if r["sampler"] == spec and "proxy_fd" in r), None)
+    if row is None:
+        return "—", "—", "—"
+    fd = f"{row['proxy_fd']:.1f} [{row['proxy_fd_ci'][0]:.1f}, {row['proxy_fd_ci'][1]:.1f}]"
+    acc = f"{100 * row['proxy_accuracy']:.1f}% [{100 * row['proxy_accuracy_ci'][0]:.1f}, {100 * row['proxy_accuracy_ci'][1]:.1f}]"
+    a = row.get("quality_token_agreement", row.get("token_agreement_vs_baseline"))
+    agree = "—" if a is None else f"{a:.3f}"
+    if row.get("quality_token_agreement_ci"):
+        agree += " [{:.3f}, {:.3f}]".format(*row["quality_token_agreement_ci"])
+    return fd, acc, agree
+
+
+def markdown(result: dict) -> str:
+    m, runs = result["meta"], result["runs"]
+    spec = f"code:draft_scales={m['draft_scales']}"
+    batches = sorted({r["batch"] for r in next(iter(runs.values()))["rows"]})
+    head = ["pair", "sampler"] + [f"speed b{b} full" for b in batches] + [f"speed b{b} no decode" for b in batches] + [
+        "proxy FD", "proxy accuracy", "token agreement vs the pair's default"]
+    lines = [f"Measured {m['date']}; N = {m['draft_scales']} draft scales; speed = ratio to the pair's own `default` in the "
+             f"same rounds (median ± half the IQR of {m['repeats']} rounds; `noisy`: IQR > 10 % of the median); "
+             f"{m['quality_images']} class-balanced images per sampler, 95 % intervals.", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for pair in m["pairs"]:
+        full, fast = runs[f"{pair}/full"], runs[f"{pair}/no_decode"]
+        for s in ("default", spec):
+            cells = [pair, f"`{s}`"] + [_speed(full, s, b) for b in batches] + [_speed(fast, s, b) for b in batches]
+            lines.append("| " + " | ".join(cells + list(_quality(full, s))) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def readme_block(path: Path = RESULT) -> str:
+    body = markdown(json.loads(path.read_text())) if path.is_file() else "(not measured yet)\n"
+    return (f"{MARKERS[0]}\n<!-- generated by `python -m benchmarks.code_finetuned --readme` from "
+            f"benchmarks/results/{path.name} -->\n{body}{MARKERS[1]}")
+
+
+def update_readme(readme: Path = ROOT / "README.md") -> None:
+    text = readme.read_text()
+    if MARKERS[0] not in text:
+        raise ValueError(f"{readme} has no {MARKERS[0]} block; add the two marker lines where the table belongs")
+    start, end = text.index(MARKERS[0]), text.index(MARKERS[1]) + len(MARKERS[1])
+    atomic_write_text(readme, text[:start] + readme_block() + text[end:])
+
+
+def main(argv=None) -> None:
+    p = make_parser(description=__doc__)
+    p.add_argument("--readme", action="store_true", help="only regenerate the README block from the committed JSON")
+    p.add_argument("--out", default=str(RESULT.with_suffix("")), help="output stem (writes .json and .md)")
+    p.add_argument("--draft-scales", type=int, default=5, help="N (the fine-tuned pair was trained for N = 5)")
+    p.add_argument("--batch-sizes", default="1,16")
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--quality-images", type=int, default=1000)
+    p.add_argument("--proxy-classifier", default="eval/weights/fmnist_classifier.safetensors")
+    p.add_argument("--num-threads", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    if args.readme:
+        update_readme()
+        return
+    result = run(args)
+    out = Path(args.out)
+    atomic_write_json(out.with_suffix(".json"), result)
+    atomic_write_text(out.with_suffix(".md"), markdown(result))
+    print(markdown(result))
+
+
+if __name__ == "__main__":
+    run_cli(main)
