@@ -17,9 +17,10 @@ Sections (--sections data,mfu,scaling; all by default):
            dense as SDPA does), divided by the median step time and by the fp32 matmul peak measured in the same
            process (same threads) before and after the section (the larger of the two).
   scaling  `python train.py var` vs 2 gloo processes (`accelerate launch --config_file
-           configs/accelerate/ddp_cpu_2proc.yaml`, GPUs hidden, a free port) at the same global batch, on procedural 32 px data with
-           a random tokenizer of the shipped shape and the tiny shipped VAR shape; images/s from the wall_s of
-           metrics.jsonl after --warmup-steps steps (start-up, token caching and export excluded). Optionally
+           configs/accelerate/ddp_cpu_2proc.yaml`, GPUs hidden, a free port) at the same global batch, on
+           procedural 32 px data with a random tokenizer of the shipped shape and the tiny shipped VAR shape;
+           images/s from the wall_s of metrics.jsonl after --warmup-steps steps (start-up, token caching and
+           export excluded; the trainer's own images_per_s is kept as a cross-check). Optionally
            also one process with twice the threads: the same cores as the 2-process run.
 Every ratio pairs measurements of the same round. Targets (issue 14): MFU >= 35 % at the d16 shape, 2-process
 scaling >= 1.6x. Writes the JSON (--out) and a PNG next to it.
@@ -67,6 +68,10 @@ def summarise(values: list[float]) -> dict:
     """Median and inter-quartile range (inclusive quartiles) of repeated measurements."""
     q = statistics.quantiles(values, n=4, method="inclusive") if len(values) > 1 else [values[0]] * 3
     return {"median": statistics.median(values), "iqr": q[2] - q[0], "values": list(values)}
+
+
+def usable_cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
 def load_average() -> list[float] | None:
@@ -346,7 +351,7 @@ def bench_scaling(args, tmp: Path) -> dict:
     return {"model": {k: TINY_SHAPE[k] for k in ("depth", "embed_dim", "num_heads")}, "image_size": 32,
             "global_batch": args.global_batch, "steps": args.steps, "warmup_steps": args.warmup_steps,
             "num_samples": args.num_samples, "tokens": "cache", "rows": rows, "target_scaling": SCALING_TARGET,
-            "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()}
+            "usable_cpus": usable_cpus()}
 
 
 # ---- outputs --------------------------------------------------------------------------------------------------
@@ -431,11 +436,15 @@ def run(args) -> dict:
     meta = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "provisional": args.provisional,
             "quick": args.quick, "command": "python -m benchmarks.training_pipeline " + " ".join(args.argv),
             "machine": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-            "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+            "usable_cpus": usable_cpus(),
             "torch_threads": torch.get_num_threads(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
             "torch": torch.__version__, "python": sys.version.split()[0], "load_average_start": load_average(),
             "repeats": args.repeats, "seed": args.seed}
     result: dict = {"meta": meta}
+    busy = meta["load_average_start"] and meta["load_average_start"][0] > 0.5 * meta["usable_cpus"]
+    if busy and not args.provisional:  # every section here is a rate: other work on the cores lowers all of them
+        print(f"warning: load average {meta['load_average_start'][0]} on {meta['usable_cpus']} CPUs; the numbers "
+              f"will be low and noisy (run on a quiet machine, or pass --provisional)", file=sys.stderr, flush=True)
     with tempfile.TemporaryDirectory(prefix="training_pipeline_") as tmp:
         for section in args.sections:
             start = time.perf_counter()
