@@ -4,7 +4,8 @@ two gloo processes), or under `accelerate launch` with 2 processes (then PORT is
 The two processes train the tiny VAR for STEPS AdamW steps, each on its half of every batch, with MODE =
   fsdp2             torch's `fully_shard` per block + root, outside accelerate;
   accelerate_fsdp2  accelerate's own FSDP2 `prepare` (wrap policy on AdaLNBlock, as
-                    configs/accelerate/fsdp_1node_8gpu.yaml). accelerate 1.15 sets DistributedType.FSDP for
+                    configs/accelerate/fsdp_1node_8gpu.yaml): the optimizer is built over the unsharded
+                    model and prepared with it, in one call, as accelerate 1.15 requires. accelerate 1.15 sets DistributedType.FSDP for
                     GPU-like devices only and silently falls back to DDP on CPU, so this test-only run sets
                     the state's distributed_type / fsdp_plugin after the Accelerator is built;
   ddp               DDP from `accelerator.prepare` (MULTI_CPU, gloo).
@@ -80,6 +81,8 @@ def _setup(acc, mode: str, seed: int):
             fully_shard(block)
         fully_shard(model)
         return model, make_optimizer(model)
+    # accelerate's FSDP2 needs the model and its optimizer in ONE prepare call (it refuses a model alone, and
+    # more than one model per call) and swaps the optimizer's parameters for the shards
     return acc.prepare(model, make_optimizer(model))
 
 
