@@ -7,6 +7,9 @@
   accelerate launch --multi_gpu --num_processes 8 train.py var --config ...   # any number of GPUs / nodes
   CUDA_VISIBLE_DEVICES= accelerate launch --multi_gpu --num_processes 2 train.py var --config ...  # CPU, gloo
   python train.py var --config ... --resume                          # continue the run in train.out_dir
+  accelerate launch --multi_gpu --num_processes 8 train.py var --config configs/imagenet_var_d16.toml \
+      --set data.root=/data/imagenet/train --set data.val_root=/data/imagenet/val   # the public d16 recipe
+  python train.py var --config configs/finetune_var_d16_imagefolder.toml --set data.root=my_images  # K new classes
 
 The config file has tables [data], [optim], [train] (+ [loss] for tokenizers) and the model table:
 [tokenizer] (a VQVAEConfig) for the tokenizer job, [var] (a VARConfig, `size = "var_d16"` allowed) for

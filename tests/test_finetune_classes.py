@@ -5,6 +5,7 @@ stores its files (a bare torch.save'd state dict, read back with weights_only); 
 with is that source's own tensors and the fresh model's own initial rows."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -64,7 +65,7 @@ def finetune(folder: Path, source: Path, out: Path, *extra: str) -> list[str]:
     return ["var", "--config", CONFIG, "--set", f"data.root={folder / 'images'}", "--set", f"train.init_from={source}",
             "--set", f"train.tokenizer={folder / 'tokenizer.safetensors'}", "--set", f"train.out_dir={out}",
             "--set", "var.depth=2", "--set", "var.embed_dim=64", "--set", "var.num_heads=4",
-            "--set", "data.image_size=64", "--set", "data.num_workers=0", "--set", "data.val_fraction=0.0",
+            "--set", "data.image_size=64", "--set", "data.num_workers=0", "--set", "train.val_every=1",
             "--set", "optim.batch_size=4", "--set", "train.steps=2", "--set", "train.num_threads=1",
             "--set", "train.samples_per_class=1", "--set", "train.mixed_precision=no", *extra]
 
@@ -79,7 +80,8 @@ def test_resize_through_train_py_keeps_the_source_rows_and_null_row(folder, tmp_
     assert torch.equal(rows[:3], src["class_emb.weight"][:3])
     assert torch.equal(rows[3], src["class_emb.weight"][1000])  # the null row moved to the new last row
     assert [k for k in got if not torch.equal(got[k], src[k])] == ["class_emb.weight"]
-    assert (tmp_path / "run" / "metrics.jsonl").exists()
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [line.get("val_items") for line in lines if "val_loss" in line] == [1, 1]  # ceil(5% of 12) held out
 
 
 def test_resize_to_more_classes_keeps_fresh_rows_for_the_new_ones(tmp_path):

@@ -150,4 +150,5 @@ def test_imagenet_d16_recipe_runs_one_step_on_a_tiny_folder_with_validation(tmp_
     assert len(val) == 6 and sorted(int(val[(i, 0)][1]) for i in range(6)) == [0, 0, 0, 1, 1, 1]
     assert tuple(val[(0, 0)][0].shape) == (3, 64, 64)
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert lines[-1]["step"] == 1 and math.isfinite(lines[-1]["loss"])
+    assert [line["step"] for line in lines] == [1, 1] and math.isfinite(lines[0]["loss"])
+    assert math.isfinite(lines[1]["val_loss"]) and lines[1]["val_items"] == 6  # the validation pass of val_every
