@@ -137,3 +137,14 @@ def test_another_width_is_reported_not_resized(tmp_path):
     wider = VAR(VARConfig(num_classes=3, **{**SMALL, "embed_dim": 128}))
     with pytest.raises(CheckpointMismatchError, match=r"num_classes differs .*the width \(embed_dim\) differs"):
         load_init_from(wider, tmp_path / "k1000.pth", "var", class_mode="resize")
+
+
+def test_a_tokenizer_loads_strictly_with_its_scale_list(tmp_path):
+    torch.manual_seed(0)
+    config = VQVAEConfig(vocab_size=VOCAB, z_channels=ZC, ch=32, ch_mult=(1, 2), num_res_blocks=1, patch_nums=PATCH_NUMS)
+    source = perturb_(VQVAE(config), 1, std=0.02)
+    save_model(tmp_path / "tok.safetensors", source)
+    torch.manual_seed(1)
+    model = VQVAE(config)
+    assert load_init_from(model, tmp_path / "tok.safetensors", "vqvae", "resize")["class_mode"] == "same"
+    assert all(torch.equal(v, source.state_dict()[k]) for k, v in model.state_dict().items())
