@@ -78,6 +78,9 @@ class TokenizerJob(TrainJob):
         return torch.stack([self.dataset[i][0] for i in indices]).to(device)
 
     # ---- the data pipeline (training/loader.py) -------------------------------------------------------
+    def loader_num_workers(self) -> int:
+        return self.cfg.data.num_workers
+
     def loader_dataset(self) -> ImageSamples:
         return ImageSamples(self.dataset, self.transform, self.cfg.train.seed, train=True,
                             skip_corrupt=self.cfg.data.skip_corrupt)

@@ -8,7 +8,8 @@ Run directory (`train.out_dir`): config.json (the full config + distributed setu
 record per logged step), samples/step_XXXXXXX.png, checkpoints/latest.txt (name of the newest complete
 checkpoint) and checkpoints/step_XXXXXXX/ (the newest `train.keep_checkpoints`; pickle-free, sealed by a
 sha256 manifest: see training/run_state.py), <job>.safetensors (the exported weights) and, for VAR jobs, the
-token cache (token_cache.safetensors + .json unless train.token_cache puts it elsewhere). `--resume` continues
+token cache (token_cache.safetensors.json + token_cache.safetensors.shard-*-of-*.safetensors unless train.token_cache
+puts it elsewhere; training/token_cache.py). `--resume` continues
 from the newest intact checkpoint: same data / optim / loss / seed settings, steps, logging and paths may change.
 """
 from __future__ import annotations
@@ -112,6 +113,10 @@ class TrainJob:
     def loader_dataset(self) -> Dataset:
         return KeyDataset()
 
+    def loader_num_workers(self) -> int:
+        """DataLoader workers worth starting for the training loader (none for in-memory data)."""
+        return 0
+
     def collate(self, samples: list) -> list[int]:
         return [index for index, _epoch in samples]
 
@@ -170,9 +175,9 @@ class Trainer:
         return StepBatchSampler(self.num_items, cfg.optim.batch_size, cfg.optim.grad_accum, acc.num_processes,
                                 acc.process_index, cfg.train.seed, start_step, cfg.train.steps)
 
-    def _loader(self, dataset, batch_sampler):
+    def _loader(self, dataset, batch_sampler, num_workers: int):
         d = self.cfg.data
-        return make_loader(dataset, batch_sampler, self.job.collate, d.num_workers, d.persistent_workers,
+        return make_loader(dataset, batch_sampler, self.job.collate, num_workers, d.persistent_workers,
                            d.prefetch_factor, pin_memory=self.acc.device.type == "cuda", seed=self.cfg.train.seed)
 
     # ---- the loop -----------------------------------------------------------------------------------
@@ -195,7 +200,7 @@ class Trainer:
         self._seed_everything(resume)
         meter = StepMeter(acc.device, tokens_per_image=self.job.tokens_per_item, num_processes=acc.num_processes)
         total = cfg.train.steps
-        batches = iter(self._loader(self.job.loader_dataset(), self._sampler(self.step)))
+        batches = iter(self._loader(self.job.loader_dataset(), self._sampler(self.step), self.job.loader_num_workers()))
         bar = tqdm(total=total, initial=self.step, disable=not acc.is_main_process, desc=f"train {cfg.job}")
         started = time.perf_counter() - self.wall_s
         while self.step < total:
@@ -298,7 +303,7 @@ class Trainer:
         real = -(-min(len(dataset), (self.cfg.train.val_batches or len(dataset)) * self.micro_batch) // self.micro_batch)
         batches = self._val_batches(len(dataset))
         if self._val_loader is None:  # built once: with persistent_workers its workers live between passes
-            self._val_loader = self._loader(dataset, batches)
+            self._val_loader = self._loader(dataset, batches, self.cfg.data.num_workers)  # images: decoded by workers
         for b, cpu_batch in enumerate(self._val_loader):
             weight = float(len(batches[b])) if b * acc.num_processes + acc.process_index < real else 0.0
             with acc.autocast():
