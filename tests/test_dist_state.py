@@ -1,6 +1,7 @@
 """training/dist_state.py: the full model / optimizer state gathered under FSDP2 and DDP (2 gloo CPU processes,
 tests/dist_scripts/sharded_var.py) against a single-process run of the same steps computed here, the round
-trip save -> load -> gather, resuming an FSDP checkpoint without FSDP, and the shipped accelerate configs.
+trip save -> load -> gather, resuming an FSDP checkpoint without FSDP, the per-shard EMA (ShardedEMA) against
+training.optim.EMA, and the shipped accelerate configs.
 
 Reference arithmetic: each of the 2 processes takes its half of every batch of 8, and FSDP / DDP average the
 two gradients (gloo: a sum of two values and a division by 2, both exact in order). The reference here does
@@ -22,9 +23,10 @@ import pytest
 import torch
 from accelerate.utils import DistributedType
 
-from tests.dist_scripts.sharded_var import BATCH, WORLD, batch, loss_of, make_model, make_optimizer
-from training.dist_state import (distributed_kind, full_model_state, full_optimizer_state, load_model_state,
+from tests.dist_scripts.sharded_var import BATCH, EMA_DECAY, WORLD, batch, loss_of, make_model, make_optimizer
+from training.dist_state import (ShardedEMA, distributed_kind, full_model_state, full_optimizer_state, load_model_state,
                                  load_optimizer_state)
+from training.optim import EMA
 from training.run_state import load_tree
 
 REPO = Path(__file__).resolve().parents[1]
@@ -59,7 +61,7 @@ def run_dir(request, tmp_path_factory):
     return _launch(tmp_path_factory.mktemp(request.param), request.param), request.param
 
 
-def _step(model, opt, step: int, halves: bool) -> None:
+def _step(model, opt, ema, step: int, halves: bool) -> None:
     labels_B, x_tf_BlC, targets_BL = batch(step, model)
     opt.zero_grad(set_to_none=True)
     if not halves:
@@ -74,15 +76,16 @@ def _step(model, opt, step: int, halves: bool) -> None:
         for p, g0, g1 in zip(model.parameters(), *grads):
             p.grad = (g0 + g1) / WORLD
     opt.step()
+    ema.update(model)
 
 
 def _reference(steps: int, halves: bool = True):
     torch.manual_seed(0)
     model = make_model(0)
-    opt = make_optimizer(model)
+    opt, ema = make_optimizer(model), EMA(model, EMA_DECAY)
     for step in range(steps):
-        _step(model, opt, step, halves)
-    return model, opt
+        _step(model, opt, ema, step, halves)
+    return model, opt, ema
 
 
 def assert_same(a, b, where: str = "") -> None:
@@ -105,8 +108,8 @@ def assert_same(a, b, where: str = "") -> None:
 @pytest.fixture(scope="module")
 def reference():
     torch.set_num_threads(1)
-    model, opt = _reference(STEPS)
-    return {"model": model.state_dict(), "opt": opt.state_dict()}
+    model, opt, ema = _reference(STEPS)
+    return {"model": model.state_dict(), "opt": opt.state_dict(), "ema": ema.state_dict()}
 
 
 def test_gathered_state_equals_single_process_run(run_dir, reference):
@@ -116,7 +119,8 @@ def test_gathered_state_equals_single_process_run(run_dir, reference):
     assert list(gathered["model"]) == list(reference["model"])
     assert sorted(gathered["opt"]["state"]) == list(range(sum(len(g["params"]) for g in reference["opt"]["param_groups"])))
     assert_same(gathered, reference, mode)
-    full_batch, _ = _reference(STEPS, halves=False)
+    assert not torch.equal(gathered["ema"]["head.weight"], gathered["model"]["head.weight"])  # a real average
+    full_batch, _, _ = _reference(STEPS, halves=False)
     for name, value in full_batch.state_dict().items():
         torch.testing.assert_close(gathered["model"][name], value, atol=1e-5, rtol=0, msg=name)
 
@@ -139,24 +143,33 @@ def test_sharded_checkpoint_resumes_in_one_process(run_dir):
     gathered, nxt = load_tree(out, "gathered"), load_tree(out, "next")
     acc = Accelerator(cpu=True)
     model = make_model(5)
-    opt = make_optimizer(model)
+    opt, ema = make_optimizer(model), EMA(model, EMA_DECAY)
     assert distributed_kind(acc, model) == "none"
     load_model_state(acc, model, gathered["model"])
     load_optimizer_state(acc, model, opt, gathered["opt"])
-    _step(model, opt, STEPS, halves=True)
-    assert_same({"model": model.state_dict(), "opt": opt.state_dict()}, nxt["orig"], f"{mode} -> one process")
+    ema.load_state_dict(gathered["ema"])
+    _step(model, opt, ema, STEPS, halves=True)
+    assert_same({"model": model.state_dict(), "opt": opt.state_dict(), "ema": ema.state_dict()}, nxt["orig"],
+                f"{mode} -> one process")
 
 
 def test_single_process_state_is_state_dict():
     """Without distribution the gathered state is state_dict() itself, what the trainer stored before."""
     from accelerate import Accelerator
     acc = Accelerator(cpu=True)
-    model, opt = _reference(1)
+    model, opt, _ = _reference(1)
     pmodel, popt = acc.prepare(model, opt)
     msd, osd = full_model_state(acc, pmodel), full_optimizer_state(acc, pmodel, popt)
     assert msd.keys() == model.state_dict().keys()
     assert all(msd[k].data_ptr() == v.data_ptr() for k, v in model.state_dict().items())  # the very tensors
     assert_same(osd, opt.state_dict())
+    sharded_ema, ema = ShardedEMA(model, 0.5), EMA(model, 0.5)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.5)
+    sharded_ema.update()
+    ema.update(model)
+    assert_same(sharded_ema.state_dict(), ema.state_dict())
     fresh = make_model(3)
     fresh_opt = make_optimizer(fresh)
     load_model_state(acc, fresh, msd)

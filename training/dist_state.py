@@ -150,3 +150,54 @@ def load_optimizer_state(accelerator: Accelerator, model: nn.Module, optimizer, 
                   "param_groups": [{**{k: v for k, v in g.items() if k != "params"},
                                     "params": [fqns[int(i)] for i in g["params"]]} for g in sd["param_groups"]]}
     set_optimizer_state_dict(model, raw, fqn_sd, options=_options(broadcast_from_rank0=from_rank0))
+
+
+# ---- EMA ---------------------------------------------------------------------------------------------------
+class ShardedEMA:
+    """training.optim.EMA for a model that may be FSDP-sharded: each process keeps the average of its own
+    parameter shards only (no communication per step, 1/world of the memory); `state_dict()` gathers the full
+    dict (collective) and equals what training.optim.EMA of the unsharded run holds, bitwise: the update is
+    the same elementwise lerp on the same values. Buffers are the model's (EMA copies them every step).
+    Pass the unwrapped model (`accelerator.unwrap_model(model)`; for FSDP2 that is the sharded module)."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.model, self.decay = model, decay
+        self.shadow = [self._local(p).detach().float().clone() for p in model.parameters()]
+
+    @staticmethod
+    def _local(t: torch.Tensor) -> torch.Tensor:
+        from torch.distributed.tensor import DTensor
+        return t.to_local() if isinstance(t, DTensor) else t
+
+    @torch.no_grad()
+    def update(self, model: nn.Module | None = None) -> None:
+        params = list((model or self.model).parameters())
+        for shadow, p in zip(self.shadow, params, strict=True):
+            shadow.lerp_(self._local(p).detach().float(), 1 - self.decay)
+
+    @torch.no_grad()
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The full EMA state in the model's state_dict order, on every process (collective under FSDP)."""
+        from torch.distributed.tensor import DTensor
+        full = {}
+        for (name, p), shadow in zip(self.model.named_parameters(), self.shadow):
+            value = shadow.to(p.dtype)
+            if isinstance(p, DTensor):
+                value = DTensor.from_local(value, p.device_mesh, p.placements, shape=p.shape,
+                                           stride=p.stride()).full_tensor()
+            full[_clean(name)] = value
+        return {_clean(k): full.get(_clean(k), self._local(v)).detach().clone() for k, v in self.model.state_dict().items()}
+
+    @torch.no_grad()
+    def load_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
+        """Every process passes the full dict (as read from the checkpoint); each keeps its own shard."""
+        from torch.distributed.tensor import DTensor, distribute_tensor
+        names = [_clean(n) for n, _ in self.model.named_parameters()]
+        missing = [n for n in names if n not in sd]
+        if missing:
+            raise ValueError(f"the EMA state lacks {missing[0]!r} (and {len(missing) - 1} more): it belongs to another model")
+        for name, p, shadow in zip(names, self.model.parameters(), self.shadow):
+            value = sd[name].to(device=shadow.device, dtype=torch.float32)
+            if isinstance(p, DTensor):  # src_data_rank=None: slice locally, every process holds the full tensor
+                value = distribute_tensor(value, p.device_mesh, p.placements, src_data_rank=None).to_local()
+            shadow.copy_(value)

@@ -10,7 +10,7 @@ The two processes train the tiny VAR for STEPS AdamW steps, each on its half of 
                     the state's distributed_type / fsdp_plugin after the Accelerator is built;
   ddp               DDP from `accelerator.prepare` (MULTI_CPU, gloo).
 The main process writes, pickle-free (training/run_state.py), to OUT:
-  gathered      the full model / optimizer state after the steps
+  gathered      the full model / optimizer / EMA (training.dist_state.ShardedEMA) state after the steps
   roundtrip     the same, gathered again from a fresh sharded model after loading `gathered` into it
   roundtrip0    (FSDP modes) as roundtrip, loaded with from_rank0 (only rank 0 holds the state; broadcast)
   next          one more step from the trained model, and from the reloaded one (next_orig / next_loaded)
@@ -31,6 +31,7 @@ from training.optim import param_groups
 WORLD = 2
 BATCH = 8
 LR, WD = 1e-3, 0.05
+EMA_DECAY = 0.9  # far from 1, so that the EMA differs visibly from both the initial and the trained weights
 
 
 def make_model(seed: int):
@@ -75,23 +76,27 @@ def _accelerator(mode: str):
 
 def _setup(acc, mode: str, seed: int):
     from torch.distributed.fsdp import fully_shard
+    from training.dist_state import ShardedEMA
     model = make_model(seed)
     if mode == "fsdp2":
         for block in model.blocks:
             fully_shard(block)
         fully_shard(model)
-        return model, make_optimizer(model)
-    # accelerate's FSDP2 needs the model and its optimizer in ONE prepare call (it refuses a model alone, and
-    # more than one model per call) and swaps the optimizer's parameters for the shards
-    return acc.prepare(model, make_optimizer(model))
+        opt = make_optimizer(model)
+    else:
+        # accelerate's FSDP2 needs the model and its optimizer in ONE prepare call (it refuses a model alone,
+        # and more than one model per call) and swaps the optimizer's parameters for the shards
+        model, opt = acc.prepare(model, make_optimizer(model))
+    return model, opt, ShardedEMA(acc.unwrap_model(model), EMA_DECAY)
 
 
-def _step(acc, model, opt, step: int) -> None:
+def _step(acc, model, opt, ema, step: int) -> None:
     rank, half = acc.process_index, BATCH // WORLD
     labels_B, x_tf_BlC, targets_BL = (t[rank * half: (rank + 1) * half] for t in batch(step, acc.unwrap_model(model)))
     acc.backward(loss_of(model, labels_B, x_tf_BlC, targets_BL))
     opt.step()
     opt.zero_grad(set_to_none=True)
+    ema.update()
 
 
 def _worker(rank: int, out: str, port: int, mode: str, steps: int) -> None:
@@ -105,7 +110,7 @@ def _worker(rank: int, out: str, port: int, mode: str, steps: int) -> None:
     acc = _accelerator(mode)
     assert acc.num_processes == WORLD, acc.num_processes
     out = Path(out)
-    model, opt = _setup(acc, mode, seed=0)
+    model, opt, ema = _setup(acc, mode, seed=0)
     assert distributed_kind(acc, model) == ("ddp" if mode == "ddp" else "fsdp"), distributed_kind(acc, model)
     if mode != "ddp":  # really sharded: each process holds part of every parameter (dim 0 split)
         from torch.distributed.fsdp import FSDPModule
@@ -113,31 +118,33 @@ def _worker(rank: int, out: str, port: int, mode: str, steps: int) -> None:
         assert isinstance(model, FSDPModule) and isinstance(model.blocks[0], FSDPModule), type(model)
         assert all(isinstance(p, DTensor) and p.to_local().numel() < p.numel() for p in model.parameters() if p.shape[0] >= WORLD)
     for step in range(steps):
-        _step(acc, model, opt, step)
+        _step(acc, model, opt, ema, step)
 
-    def gather(m, o) -> dict:
-        return {"model": full_model_state(acc, m), "opt": full_optimizer_state(acc, m, o)}
+    def gather(m, o, e) -> dict:
+        return {"model": full_model_state(acc, m), "opt": full_optimizer_state(acc, m, o), "ema": e.state_dict()}
 
     def save(stem: str, tree) -> None:
         if acc.is_main_process:
             save_tree(out, stem, tree)
         acc.wait_for_everyone()
 
-    save("gathered", gather(model, opt))
+    save("gathered", gather(model, opt, ema))
     state = load_tree(out, "gathered")  # every process reads the full state, as the trainer's resume does
-    fresh, fresh_opt = _setup(acc, mode, seed=7)
+    fresh, fresh_opt, fresh_ema = _setup(acc, mode, seed=7)
     load_model_state(acc, fresh, state["model"])
     load_optimizer_state(acc, fresh, fresh_opt, state["opt"])
-    save("roundtrip", gather(fresh, fresh_opt))
+    fresh_ema.load_state_dict(state["ema"])
+    save("roundtrip", gather(fresh, fresh_opt, fresh_ema))
     if mode != "ddp":
-        only0, only0_opt = _setup(acc, mode, seed=8)
+        only0, only0_opt, only0_ema = _setup(acc, mode, seed=8)
         mine = state if acc.is_main_process else {"model": {}, "opt": {}}
         load_model_state(acc, only0, mine["model"], from_rank0=True)
         load_optimizer_state(acc, only0, only0_opt, mine["opt"], from_rank0=True)
-        save("roundtrip0", gather(only0, only0_opt))
-    _step(acc, model, opt, steps)
-    _step(acc, fresh, fresh_opt, steps)
-    save("next", {"orig": gather(model, opt), "loaded": gather(fresh, fresh_opt)})
+        only0_ema.load_state_dict(state["ema"])
+        save("roundtrip0", gather(only0, only0_opt, only0_ema))
+    _step(acc, model, opt, ema, steps)
+    _step(acc, fresh, fresh_opt, fresh_ema, steps)
+    save("next", {"orig": gather(model, opt, ema), "loaded": gather(fresh, fresh_opt, fresh_ema)})
     acc.end_training()
     torch.distributed.destroy_process_group() if torch.distributed.is_initialized() else None
 
