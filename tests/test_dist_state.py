@@ -24,8 +24,8 @@ import torch
 from accelerate.utils import DistributedType
 
 from tests.dist_scripts.sharded_var import BATCH, EMA_DECAY, WORLD, batch, loss_of, make_model, make_optimizer
-from training.dist_state import (ShardedEMA, distributed_kind, full_model_state, full_optimizer_state, load_model_state,
-                                 load_optimizer_state)
+from training.dist_state import (ShardedEMA, check_supported, distributed_kind, full_model_state,
+                                 full_optimizer_state, load_model_state, load_optimizer_state)
 from training.optim import EMA
 from training.run_state import load_tree
 
@@ -181,7 +181,8 @@ def test_deepspeed_and_flat_fsdp1_are_refused_in_one_line():
     model = torch.nn.Linear(2, 2)
     ds = SimpleNamespace(distributed_type=DistributedType.DEEPSPEED)
     assert distributed_kind(ds, model) == "deepspeed"
-    for call in (lambda: full_model_state(ds, model), lambda: load_model_state(ds, model, {}),
+    for call in (lambda: check_supported(ds, model), lambda: full_model_state(ds, model),
+                 lambda: load_model_state(ds, model, {}),
                  lambda: full_optimizer_state(ds, model, None), lambda: load_optimizer_state(ds, model, None, {})):
         with pytest.raises(NotImplementedError, match=r"^DeepSpeed is not supported[^\n]*fsdp_1node_8gpu\.yaml[^\n]*$"):
             call()

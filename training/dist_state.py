@@ -49,7 +49,9 @@ def distributed_kind(accelerator: Accelerator, model: nn.Module | None = None) -
     return "ddp"
 
 
-def _check_supported(accelerator: Accelerator, model: nn.Module, from_rank0: bool = False) -> str:
+def check_supported(accelerator: Accelerator, model: nn.Module, from_rank0: bool = False) -> str:
+    """distributed_kind, or the one-line error for a setup these checkpoints cannot hold (call it right after
+    `accelerator.prepare`, so a DeepSpeed run stops before training rather than at its first checkpoint)."""
     kind = distributed_kind(accelerator, model)
     if from_rank0 and kind == "ddp":
         raise ValueError("from_rank0 loading is for FSDP (which broadcasts the shards); under DDP every process "
@@ -92,7 +94,7 @@ def _raw(optimizer):
 # ---- model -------------------------------------------------------------------------------------------------
 def full_model_state(accelerator: Accelerator, model: nn.Module) -> dict[str, torch.Tensor]:
     """The unsharded state dict on CPU. Under FSDP only the main process gets it ({} elsewhere)."""
-    if _check_supported(accelerator, model) != "fsdp":
+    if check_supported(accelerator, model) != "fsdp":
         return accelerator.unwrap_model(model).state_dict()
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
     return get_model_state_dict(model, options=_options(cpu_offload=True))
@@ -103,7 +105,7 @@ def load_model_state(accelerator: Accelerator, model: nn.Module, sd: dict[str, t
     """Inverse of full_model_state. `from_rank0`: only the main process holds `sd` (others pass {}); under
     FSDP it is broadcast. Without it every process passes the full dict (the trainer reads it from disk on
     every process) and each keeps its own shard, with no communication."""
-    if _check_supported(accelerator, model, from_rank0) != "fsdp":
+    if check_supported(accelerator, model, from_rank0) != "fsdp":
         accelerator.unwrap_model(model).load_state_dict(sd)
         return
     from torch.distributed.checkpoint.state_dict import set_model_state_dict
@@ -114,7 +116,7 @@ def load_model_state(accelerator: Accelerator, model: nn.Module, sd: dict[str, t
 # ---- optimizer ---------------------------------------------------------------------------------------------
 def full_optimizer_state(accelerator: Accelerator, model: nn.Module, optimizer) -> dict:
     """`optimizer.state_dict()` of the unsharded run (index-keyed). Under FSDP only the main process gets it."""
-    if _check_supported(accelerator, model) != "fsdp":
+    if check_supported(accelerator, model) != "fsdp":
         return optimizer.state_dict()
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
     osd = get_optimizer_state_dict(model, _raw(optimizer), options=_options(cpu_offload=True))
@@ -133,7 +135,7 @@ def full_optimizer_state(accelerator: Accelerator, model: nn.Module, optimizer) 
 def load_optimizer_state(accelerator: Accelerator, model: nn.Module, optimizer, sd: dict,
                          from_rank0: bool = False) -> None:
     """Inverse of full_optimizer_state (`from_rank0` as in load_model_state)."""
-    if _check_supported(accelerator, model, from_rank0) != "fsdp":
+    if check_supported(accelerator, model, from_rank0) != "fsdp":
         optimizer.load_state_dict(sd)
         return
     from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
@@ -186,7 +188,8 @@ class ShardedEMA:
                 value = DTensor.from_local(value, p.device_mesh, p.placements, shape=p.shape,
                                            stride=p.stride()).full_tensor()
             full[_clean(name)] = value
-        return {_clean(k): full.get(_clean(k), self._local(v)).detach().clone() for k, v in self.model.state_dict().items()}
+        return {_clean(k): full.get(_clean(k), self._local(v)).detach().clone()
+                for k, v in self.model.state_dict().items()}
 
     @torch.no_grad()
     def load_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
@@ -195,7 +198,8 @@ class ShardedEMA:
         names = [_clean(n) for n, _ in self.model.named_parameters()]
         missing = [n for n in names if n not in sd]
         if missing:
-            raise ValueError(f"the EMA state lacks {missing[0]!r} (and {len(missing) - 1} more): it belongs to another model")
+            raise ValueError(f"the EMA state lacks {missing[0]!r} (and {len(missing) - 1} more): it belongs to "
+                             f"another model")
         for name, p, shadow in zip(names, self.model.parameters(), self.shadow):
             value = sd[name].to(device=shadow.device, dtype=torch.float32)
             if isinstance(p, DTensor):  # src_data_rank=None: slice locally, every process holds the full tensor

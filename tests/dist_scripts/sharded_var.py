@@ -5,9 +5,10 @@ The two processes train the tiny VAR for STEPS AdamW steps, each on its half of 
   fsdp2             torch's `fully_shard` per block + root, outside accelerate;
   accelerate_fsdp2  accelerate's own FSDP2 `prepare` (wrap policy on AdaLNBlock, as
                     configs/accelerate/fsdp_1node_8gpu.yaml): the optimizer is built over the unsharded
-                    model and prepared with it, in one call, as accelerate 1.15 requires. accelerate 1.15 sets DistributedType.FSDP for
-                    GPU-like devices only and silently falls back to DDP on CPU, so this test-only run sets
-                    the state's distributed_type / fsdp_plugin after the Accelerator is built;
+                    model and prepared with it, in one call, as accelerate 1.15 requires. accelerate 1.15
+                    sets DistributedType.FSDP for GPU-like devices only and silently falls back to DDP on
+                    CPU, so this test-only run sets the state's distributed_type / fsdp_plugin after the
+                    Accelerator is built;
   ddp               DDP from `accelerator.prepare` (MULTI_CPU, gloo).
 The main process writes, pickle-free (training/run_state.py), to OUT:
   gathered      the full model / optimizer / EMA (training.dist_state.ShardedEMA) state after the steps
@@ -116,7 +117,8 @@ def _worker(rank: int, out: str, port: int, mode: str, steps: int) -> None:
         from torch.distributed.fsdp import FSDPModule
         from torch.distributed.tensor import DTensor
         assert isinstance(model, FSDPModule) and isinstance(model.blocks[0], FSDPModule), type(model)
-        assert all(isinstance(p, DTensor) and p.to_local().numel() < p.numel() for p in model.parameters() if p.shape[0] >= WORLD)
+        assert all(isinstance(p, DTensor) and p.to_local().numel() < p.numel()
+                   for p in model.parameters() if p.shape[0] >= WORLD)
     for step in range(steps):
         _step(acc, model, opt, ema, step)
 
