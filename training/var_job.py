@@ -68,7 +68,9 @@ class VARJob(TrainJob):
         if not cfg.train.tokenizer:
             raise ValueError("VAR training needs train.tokenizer = path of the frozen tokenizer (.safetensors or official .pth)")
         self.cfg, self.dataset, self.val_split = cfg, dataset, val_dataset
-        self.vae = load_any(cfg.train.tokenizer, "vqvae", device=device).eval().requires_grad_(False)
+        # patch_nums: an official tokenizer file is resolution-agnostic and takes the VAR's scales (d36 at 512 px)
+        self.vae = load_any(cfg.train.tokenizer, "vqvae", device=device, patch_nums=var_config.patch_nums)
+        self.vae.eval().requires_grad_(False)
         self.model = VAR(var_config)
         check_models_compatible(self.model, self.vae, "the [var] config")
         # what init_from did (class embedding kept, re-initialised or resized), for the log
