@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from benchmarks.plotting import bar_panel, save_panels
+from benchmarks.training_pipeline import markdown_table as training_pipeline_table
 from training.atomic import atomic_write_json, atomic_write_text
 
 REPO = Path(__file__).resolve().parents[1]
@@ -298,6 +299,7 @@ BLOCKS = {
     "engine-fmnist": (RESULTS / "engine_fmnist.json", lambda r: markdown_table(r)),
     "engine-fmnist-quality": (RESULTS / "engine_fmnist_quality.json", quality_table),
     "model-card": (REPO / "checkpoints" / "fmnist" / "model_card.json", model_card_markdown),
+    "training-pipeline": (RESULTS / "training_pipeline.json", training_pipeline_table),
 }
 
 
