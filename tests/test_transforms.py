@@ -126,3 +126,15 @@ def test_randomness_only_from_the_generator():
     with pytest.raises(ValueError, match="needs a generator.*sample_generator"):
         t(img)
     assert torch.equal(t(img, train=False), t(img, sample_generator(0, 0, 0), train=False))
+
+
+def test_pad_small_false_upsamples_small_images_as_torchvision():
+    """data.pad_small = false (28 px Fashion-MNIST at 64 px): the small image is resized like a large one."""
+    S = 64
+    img = _img(28, 28, None)
+    expected = tvt.CenterCrop(S)(tvt.Resize(S, interpolation=tvt.InterpolationMode.LANCZOS)(Image.fromarray(img).convert("RGB")))
+    t = VARTransform(S, pad_small=False)
+    assert not t.legacy and not t.is_random() and t.describe()["pad_small"] is False
+    assert torch.equal(t(img), _model_range(np.asarray(expected)))
+    padded = VARTransform(S)(img)  # the default still pads with the background
+    assert torch.equal(padded[:, :18], torch.full((3, 18, S), -1.0))

@@ -68,6 +68,9 @@ class DataConfig:
     mid_reso: float = 1.0
     random_crop: bool = False
     hflip: bool = False
+    # images no larger than image_size at mid_reso = 1: centre-padded with the background (true: Fashion-MNIST's
+    # 28 px digits unresampled in 32 px), or upsampled with Lanczos like larger ones are downsampled (false)
+    pad_small: bool = True
     # DataLoader: worker processes decode and augment; batches are the same for any num_workers (per-sample
     # randomness is seeded by (seed, epoch, index), not by the worker)
     num_workers: int = 0
@@ -90,6 +93,7 @@ class DataConfig:
         _number("data.mid_reso", self.mid_reso, ge=1, le=4)
         _flag("data.random_crop", self.random_crop)
         _flag("data.hflip", self.hflip)
+        _flag("data.pad_small", self.pad_small)
         _number("data.num_workers", self.num_workers, integer=True, ge=0)
         _flag("data.persistent_workers", self.persistent_workers)
         _number("data.prefetch_factor", self.prefetch_factor, integer=True, ge=1)

@@ -77,28 +77,32 @@ def sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:
 class VARTransform:
     """uint8 (H, W[, C]) pixels -> float (3, S, S) in [-1, 1], see the module docstring."""
 
-    def __init__(self, image_size: int, mid_reso: float = 1.0, random_crop: bool = False, hflip: bool = False):
+    def __init__(self, image_size: int, mid_reso: float = 1.0, random_crop: bool = False, hflip: bool = False,
+                 pad_small: bool = True):
         if mid_reso < 1:
             raise ValueError(f"mid_reso must be >= 1 (the crop is taken from the resized image), got {mid_reso}")
         self.image_size, self.mid_reso, self.random_crop, self.hflip = int(image_size), float(mid_reso), random_crop, hflip
+        # False: images smaller than S are upsampled (Lanczos) like any other, e.g. 28 px Fashion-MNIST at 64 px
+        self.pad_small = bool(pad_small)
         self.mid_size = round(self.mid_reso * self.image_size)
 
     @classmethod
     def from_config(cls, data_cfg) -> "VARTransform":
-        return cls(data_cfg.image_size, data_cfg.mid_reso, data_cfg.random_crop, data_cfg.hflip)
+        return cls(data_cfg.image_size, data_cfg.mid_reso, data_cfg.random_crop, data_cfg.hflip, data_cfg.pad_small)
 
     @property
     def legacy(self) -> bool:
         """True for the unaugmented default, which is `to_model_range` exactly."""
-        return self.mid_reso == 1 and not self.random_crop
+        return self.mid_reso == 1 and not self.random_crop and self.pad_small
 
     def is_random(self, train: bool = True) -> bool:
         return train and (self.hflip or (self.random_crop and not self.legacy))
 
     def describe(self) -> dict:
         """The settings that change the pixels (for cache fingerprints)."""
-        return {"image_size": self.image_size, "mid_reso": self.mid_reso, "random_crop": self.random_crop,
-                "hflip": self.hflip}
+        settings = {"image_size": self.image_size, "mid_reso": self.mid_reso, "random_crop": self.random_crop,
+                    "hflip": self.hflip}
+        return settings if self.pad_small else {**settings, "pad_small": False}  # older fingerprints stay valid
 
     def fingerprint(self, train: bool = True) -> str:
         return hashlib.sha256(json.dumps({**self.describe(), "train": train}, sort_keys=True).encode()).hexdigest()
@@ -124,7 +128,7 @@ class VARTransform:
         returned as they are (they get padded, not upsampled)."""
         rgb = _as_rgb_uint8(img_uint8_HWC)
         h, w = rgb.shape[:2]
-        if self.mid_reso == 1 and h <= self.image_size and w <= self.image_size:
+        if self.pad_small and self.mid_reso == 1 and h <= self.image_size and w <= self.image_size:
             return rgb
         nh, nw = resized_size(h, w, self.mid_size)
         if (nh, nw) == (h, w):
