@@ -6,9 +6,7 @@ The two processes train the tiny VAR for STEPS AdamW steps, each on its half of 
   accelerate_fsdp2  accelerate's own FSDP2 `prepare` (wrap policy on AdaLNBlock, as
                     configs/accelerate/fsdp_1node_8gpu.yaml): the optimizer is built over the unsharded
                     model and prepared with it, in one call, as accelerate 1.15 requires. accelerate 1.15
-                    sets DistributedType.FSDP for GPU-like devices only and silently falls back to DDP on
-                    CPU, so this test-only run sets the state's distributed_type / fsdp_plugin after the
-                    Accelerator is built;
+                    falls back to DDP on CPU, so this run switches it to FSDP2 (force_fsdp.py);
   ddp               DDP from `accelerator.prepare` (MULTI_CPU, gloo).
 The main process writes, pickle-free (training/run_state.py), to OUT:
   gathered      the full model / optimizer / EMA (training.dist_state.ShardedEMA) state after the steps
@@ -62,17 +60,9 @@ def make_optimizer(model) -> torch.optim.AdamW:
 
 def _accelerator(mode: str):
     from accelerate import Accelerator
-    from accelerate.state import PartialState
-    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+    from tests.dist_scripts.force_fsdp import force_fsdp2
     acc = Accelerator(cpu=True)
-    if mode == "accelerate_fsdp2":
-        # both shared states: every AcceleratorState() (accelerate builds some inside prepare) re-reads PartialState's
-        PartialState._shared_state["distributed_type"] = DistributedType.FSDP
-        acc.state.distributed_type = DistributedType.FSDP
-        acc.state.fsdp_plugin = FullyShardedDataParallelPlugin(
-            fsdp_version=2, reshard_after_forward=True, auto_wrap_policy="transformer_based_wrap",
-            transformer_cls_names_to_wrap=["AdaLNBlock"])
-    return acc
+    return force_fsdp2(acc) if mode == "accelerate_fsdp2" else acc
 
 
 def _setup(acc, mode: str, seed: int):

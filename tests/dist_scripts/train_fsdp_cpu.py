@@ -1,0 +1,23 @@
+"""`train.py` under accelerate's FSDP2 on CPU (tests/dist_scripts/force_fsdp.py), for trainer tests:
+
+    CUDA_VISIBLE_DEVICES= OMP_NUM_THREADS=1 accelerate launch --multi_gpu --num_processes 2 \\
+        -m tests.dist_scripts.train_fsdp_cpu var --config ... [--resume]
+"""
+from __future__ import annotations
+
+import sys
+
+import train
+import training.trainer
+from tests.dist_scripts.force_fsdp import force_fsdp2
+
+_make = training.trainer.make_accelerator
+
+
+def make_fsdp_accelerator(cfg):
+    return force_fsdp2(_make(cfg))
+
+
+if __name__ == "__main__":
+    training.trainer.make_accelerator = make_fsdp_accelerator  # train.main imports it at call time
+    train.main(sys.argv[1:])
