@@ -43,40 +43,13 @@ import torch
 from eval.intervals import mean_ci
 from samplers import build_sampler, sampler_class
 from samplers.cli import SHIPPED, load_models, parse_sampler_args, parse_sampler_spec, parse_var_overrides
+from benchmarks.measure import matmul_peak_flops, process_rss_bytes, sync
 from training.images import psnr
 
 ENGINE_KEYS = ("compile", "rng", "precision")  # Sampler keywords, as opposed to accelerator options
 
 
-# ---- measurements ------------------------------------------------------------------------------------------
-def process_rss_bytes() -> int:
-    try:
-        with open("/proc/self/statm") as fh:
-            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except OSError:  # not Linux: peak RSS from getrusage (kB on Linux/BSD, bytes on macOS)
-        import resource
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def matmul_peak_flops(device: torch.device, dtype: torch.dtype, size: int = 2048, repeats: int = 10) -> float:
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    b = torch.randn(size, size, device=device, dtype=dtype)
-    (a @ b).sum().item()  # warm-up
-    best = float("inf")
-    for _ in range(3):
-        sync(device)
-        start = time.perf_counter()
-        for _ in range(repeats):
-            c = a @ b
-        sync(device)
-        best = min(best, time.perf_counter() - start)
-        del c
-    return 2 * size**3 * repeats / best
+# ---- measurements (process memory, device sync and the matmul peak: benchmarks/measure.py) ---------------
 
 
 def mean_psnr(a_N3HW: torch.Tensor, b_N3HW: torch.Tensor) -> float:

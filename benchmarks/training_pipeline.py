@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
+from benchmarks.measure import matmul_peak_flops
 from benchmarks.plotting import bar_panel, save_panels
 from training.atomic import atomic_write_json
 from training.config import OptimConfig
@@ -213,8 +214,6 @@ def bench_mfu_shape(name: str, cfg: VARConfig, batch: int, repeats: int, seed: i
 
 
 def bench_mfu(args) -> dict:
-    from benchmarks.benchmark import matmul_peak_flops
-
     cpu = torch.device("cpu")
     peak_before = matmul_peak_flops(cpu, torch.float32, args.peak_size)
     d16 = var_config("var_d16", depth=args.d16_depth, patch_nums=PATCH_NUMS_256)

@@ -14,6 +14,7 @@ from the newest intact checkpoint: same data / optim / loss / seed settings, ste
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -34,6 +35,8 @@ from tqdm import tqdm
 
 from training.atomic import atomic_write
 from training.images import save_png_atomic
+from training.dist_state import (ShardedEMA, check_supported, distributed_kind, full_model_state,
+                                 full_optimizer_state, load_model_state, load_optimizer_state)
 from training.optim import EMA, build_adamw, set_schedule
 from training.config import TrainConfig
 from training.loader import StepBatchSampler, make_loader
@@ -145,14 +148,22 @@ class Trainer:
             raise ValueError(f"the dataset has {self.num_items} items, fewer than one global batch ({cfg.optim.batch_size})")
         self.step, self.epoch, self.pos = 0, 0, 0
         self.wall_s = 0.0  # training wall time, carried over by --resume
-        self.ema = EMA(job.model, cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None
-        # Models first, optimizers over the prepared models' parameters: FSDP shards the parameters
-        # when it wraps the model, and an optimizer built before would hold the unsharded ones.
-        models = accelerator.prepare(*job.all_models())
-        job.set_prepared(list(models) if isinstance(models, (list, tuple)) else [models])
-        optimizers = [build_adamw(accelerator.unwrap_model(job.model), cfg.optim)] + job.extra_optimizers(cfg.optim)
-        prepared = accelerator.prepare(*optimizers)
-        self.optimizers = list(prepared) if isinstance(prepared, (list, tuple)) else [prepared]
+        fsdp = distributed_kind(accelerator) == "fsdp"
+        # FSDP leaves no unsharded model: sample grids and the export load the gathered state into this copy
+        self._fsdp = fsdp
+        self._plain = copy.deepcopy(job.model) if fsdp and accelerator.is_main_process else None
+        self.ema = EMA(job.model, cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 and not fsdp else None
+        # Each model with its optimizer in ONE prepare call: accelerate's FSDP2 refuses a model without its
+        # optimizer (and two models in one call), and swaps the optimizer's parameters for the shards.
+        # optimizers[i] belongs to all_models()[i]; the checkpoint pairs them the same way.
+        optimizers = [build_adamw(job.model, cfg.optim)] + job.extra_optimizers(cfg.optim)
+        pairs = [accelerator.prepare(m, o) for m, o in zip(job.all_models(), optimizers, strict=True)]
+        job.set_prepared([m for m, _ in pairs])
+        self.optimizers = [o for _, o in pairs]
+        for model in job.all_models():
+            check_supported(accelerator, model)  # DeepSpeed / flat FSDP1: a one-line error now, not at the first checkpoint
+        if cfg.optim.ema_decay > 0 and fsdp:  # per-shard average; state_dict() gathers it
+            self.ema = ShardedEMA(accelerator.unwrap_model(job.model), cfg.optim.ema_decay)
         self.skipped = 0  # unreadable images skipped so far (data.skip_corrupt)
         # Checkpointed objects besides models and optimizers (state_dict / load_state_dict), stored in the
         # pickle-free train state under their name; jobs may register more.
@@ -325,10 +336,24 @@ class Trainer:
             fh.write(json.dumps(record) + "\n")
         log_trackers(self.acc, record, record["step"])
 
+    def _model_for_use(self):
+        """The EMA (or trained) model as a plain module on the main process, None elsewhere. Every process must
+        call it: under FSDP it gathers the shards into a copy."""
+        acc = self.acc
+        if not self._fsdp:
+            if not acc.is_main_process:
+                return None
+            return self.ema.model if self.ema is not None else acc.unwrap_model(self.job.model)
+        sd = self.ema.state_dict() if self.ema is not None else full_model_state(acc, self.job.model)
+        if not acc.is_main_process:
+            return None
+        self._plain.load_state_dict(sd)
+        return self._plain.to(acc.device)
+
     def _sample_grid(self) -> None:
-        if not self.acc.is_main_process:
+        model = self._model_for_use()
+        if model is None:
             return
-        model = self.ema.model if self.ema is not None else self.acc.unwrap_model(self.job.model)
         grid = self.job.sample_grid(model)
         if grid is not None:
             (self.out / "samples").mkdir(exist_ok=True)
@@ -354,14 +379,16 @@ class Trainer:
             tmp.mkdir(parents=True)
         acc.wait_for_everyone()
         save_tree(tmp, f"rng_rank{acc.process_index}", rng_state())
+        # on every process: under FSDP these gather the shards (collectives); plain / DDP: state_dict() itself
+        models = [full_model_state(acc, m) for m in self.job.all_models()]
+        optimizers = [full_optimizer_state(acc, m, o) for m, o in zip(self.job.all_models(), self.optimizers)]
+        ema = self.ema.state_dict() if self.ema is not None else None
         acc.wait_for_everyone()
         if acc.is_main_process:
             # The lr / wd schedule is a pure function of the step, so the step is the scheduler state.
             state = {"step": self.step, "epoch": self.epoch, "pos": self.pos, "world_size": acc.num_processes,
                      "wall_s": self.wall_s, "config": _plain(resume_relevant(asdict(self.cfg))),
-                     "optimizers": [o.state_dict() for o in self.optimizers],
-                     "models": [acc.unwrap_model(m).state_dict() for m in self.job.all_models()],
-                     "ema": self.ema.state_dict() if self.ema is not None else None,
+                     "optimizers": optimizers, "models": models, "ema": ema,
                      "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
                      "skipped": self.skipped,
                      "registered": {name: obj.state_dict() for name, obj in self.registered.items()}}
@@ -411,10 +438,10 @@ class Trainer:
         if changed:
             raise ValueError(f"--resume: the config differs from the run in {self.out} in {changed}; a resumed run must "
                              f"keep its data, optim, loss and seed settings (only steps, logging and paths may change)")
-        for model, sd in zip(self.job.all_models(), state["models"]):
-            self.acc.unwrap_model(model).load_state_dict(sd)
-        for opt, sd in zip(self.optimizers, state["optimizers"]):
-            opt.load_state_dict(sd)
+        for model, opt, model_sd, opt_sd in zip(self.job.all_models(), self.optimizers, state["models"],
+                                                state["optimizers"]):
+            load_model_state(self.acc, model, model_sd)  # every process holds the full state: no broadcast
+            load_optimizer_state(self.acc, model, opt, opt_sd)
         if self.ema is not None and state["ema"] is not None:
             self.ema.load_state_dict(state["ema"])
         if self.acc.scaler is not None and state.get("scaler") is not None:
@@ -445,8 +472,8 @@ class Trainer:
 
     def _export(self) -> Path:
         path = self.out / f"{self.job.export_name}.safetensors"
-        if self.acc.is_main_process:
-            model = self.ema.model if self.ema is not None else self.acc.unwrap_model(self.job.model)
+        model = self._model_for_use()
+        if model is not None:
             self.job.export(path, model)
         self.acc.wait_for_everyone()
         return path

@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+import os
 import sys
 
 import train
@@ -18,6 +19,23 @@ def make_fsdp_accelerator(cfg):
     return force_fsdp2(_make(cfg))
 
 
+class Killed(SystemExit):
+    """Raised instead of step STOP_AT_STEP + 1 (the env var): a run killed mid-way, for resume tests."""
+
+
+def kill_at(step: int):
+    original = training.trainer.Trainer._train_step
+
+    def dying_step(self, *args):
+        if self.step == step:
+            raise Killed(3)
+        return original(self, *args)
+
+    training.trainer.Trainer._train_step = dying_step
+
+
 if __name__ == "__main__":
     training.trainer.make_accelerator = make_fsdp_accelerator  # train.main imports it at call time
+    if os.environ.get("STOP_AT_STEP"):
+        kill_at(int(os.environ["STOP_AT_STEP"]))
     train.main(sys.argv[1:])
