@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from benchmarks import benchmark
-from training.atomic import atomic_write_json, atomic_write_text
+from benchmarks.results_io import replace_block, write_result
 from training.errors import make_parser, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -106,11 +106,7 @@ def readme_block(path: Path = RESULT) -> str:
 
 
 def update_readme(readme: Path = ROOT / "README.md") -> None:
-    text = readme.read_text()
-    if MARKERS[0] not in text:
-        raise ValueError(f"{readme} has no {MARKERS[0]} block; add the two marker lines where the table belongs")
-    start, end = text.index(MARKERS[0]), text.index(MARKERS[1]) + len(MARKERS[1])
-    atomic_write_text(readme, text[:start] + readme_block() + text[end:])
+    replace_block(readme, MARKERS, readme_block())
 
 
 def main(argv=None) -> None:
@@ -128,11 +124,7 @@ def main(argv=None) -> None:
     if args.readme:
         update_readme()
         return
-    result = run(args)
-    out = Path(args.out)
-    atomic_write_json(out.with_suffix(".json"), result)
-    atomic_write_text(out.with_suffix(".md"), markdown(result))
-    print(markdown(result))
+    print(write_result(args.out, run(args), markdown))
 
 
 if __name__ == "__main__":

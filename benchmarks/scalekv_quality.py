@@ -31,8 +31,8 @@ from samplers import build_sampler
 from samplers.scalekv.calibration import calibrate, save_calibration
 from samplers.seeding import image_seed
 from tokenizers import VQVAE, VQVAEConfig
-from training.atomic import atomic_write_json, atomic_write_text
 from training.checkpoint import load_any
+from benchmarks.results_io import replace_block, write_result
 from training.errors import make_parser, run_cli
 from training.images import psnr
 from var import VAR, VARConfig
@@ -181,9 +181,7 @@ def readme_block(results_dir: Path = ROOT / "benchmarks" / "results") -> str:
 
 
 def update_readme(readme: Path = ROOT / "README.md") -> None:
-    text = readme.read_text()
-    start, end = text.index(MARKERS[0]), text.index(MARKERS[1]) + len(MARKERS[1])
-    atomic_write_text(readme, text[:start] + readme_block() + text[end:])
+    replace_block(readme, MARKERS, readme_block())
 
 
 def main(argv=None) -> None:
@@ -205,11 +203,7 @@ def main(argv=None) -> None:
         return
     if not args.out:
         raise ValueError("--out is required (or --readme to regenerate the README block)")
-    result = run(args)
-    out = Path(args.out)
-    atomic_write_json(out.with_suffix(".json"), result)
-    atomic_write_text(out.with_suffix(".md"), markdown(result))
-    print(markdown(result))
+    print(write_result(args.out, run(args), markdown))
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from typing import Callable, Iterable
 import torch
 from accelerate import tracking as acc_tracking
 from accelerate.tracking import GeneralTracker
-from accelerate.utils import LoggerType, ProjectConfiguration
+from accelerate.utils import ProjectConfiguration
 
 # the pip package that provides each tracker accelerate knows by name
 TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "comet_ml": "comet_ml", "aim": "aim",
