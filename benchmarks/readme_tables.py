@@ -289,6 +289,40 @@ def quality_table(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _with_ci(row: dict, key: str, fmt) -> str:
+    if key not in row:
+        return "—"
+    ci = row.get(f"{key}_ci")
+    return fmt(row[key]) + (f" [{fmt(ci[0])}, {fmt(ci[1])}]" if ci else "")
+
+
+def schedule_table(results: dict) -> str:
+    """Every sampler's speed per batch (ratio to the baseline in the same rounds, forwards per image) beside its
+    proxy quality (FD, accuracy, precision, recall with 95 % intervals): the distilled-decoding schedules."""
+    m, rows = results["meta"], results["rows"]
+    batches = sorted({r["batch"] for r in rows})
+    specs = list(dict.fromkeys(r["sampler"] for r in rows))
+    pct = lambda v: f"{100 * v:.1f}%"  # noqa: E731
+    lines = [f"Measured {m['date']}; {m['models']['var']} with cfg {m['sampling']['cfg']}, top-k "
+             f"{m['sampling']['top_k']}, top-p {m['sampling']['top_p']}; speed = ratio to `{m['baseline']}` in the "
+             f"same rounds (median of {m['repeats']} interleaved rounds; **noisy**: IQR > "
+             f"{100 * m['noise_threshold']:.0f} % of the median), {'images decoded' if m['decode'] else 'no decode'}; "
+             "proxy scores with 95 % intervals (basic bootstrap for the FD, Wilson for accuracy, precision and recall).",
+             "", "| sampler | transformer forwards | " + " | ".join(f"speed b{b}" for b in batches)
+             + " | proxy FD | proxy accuracy | proxy precision | proxy recall |", "|---" * (6 + len(batches)) + "|"]
+    for spec in specs:
+        by_batch = {r["batch"]: r for r in rows if r["sampler"] == spec}
+        first = by_batch[batches[0]]
+        speeds = [(_x(by_batch[b]["speedup_vs_baseline"]) + (" **noisy**" if by_batch[b]["noisy"] else ""))
+                  if b in by_batch else "—" for b in batches]
+        q = next((r for r in by_batch.values() if "proxy_fd" in r), {})
+        forwards = " + ".join(f"{v:g} {k}" for k, v in sorted((first.get("forwards") or {}).items()))
+        lines.append(f"| `{short_label(spec)}` | {forwards or '—'} | " + " | ".join(speeds) + " | "
+                     + " | ".join([_with_ci(q, "proxy_fd", lambda v: f"{v:.1f}"), _with_ci(q, "proxy_accuracy", pct),
+                                   _with_ci(q, "proxy_precision", pct), _with_ci(q, "proxy_recall", pct)]) + " |")
+    return "\n".join(lines) + "\n"
+
+
 RESULTS = REPO / "benchmarks" / "results"
 BLOCKS = {
     "bench": (RESULTS / "benchmark_fmnist.json", lambda r: markdown_table(r)),
@@ -300,6 +334,7 @@ BLOCKS = {
     "engine-fmnist-quality": (RESULTS / "engine_fmnist_quality.json", quality_table),
     "model-card": (REPO / "checkpoints" / "fmnist" / "model_card.json", model_card_markdown),
     "training-pipeline": (RESULTS / "training_pipeline.json", training_pipeline_table),
+    "dd-schedules": (RESULTS / "dd_schedules_fmnist.json", schedule_table),
 }
 
 
