@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from benchmarks.plotting import bar_panel, save_panels
-from benchmarks.training_pipeline import markdown_table as training_pipeline_table
+from benchmarks.training_report import markdown_table as training_pipeline_table
 from training.atomic import atomic_write_json, atomic_write_text
 
 REPO = Path(__file__).resolve().parents[1]

@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 
 from benchmarks import training_pipeline as tp
+from benchmarks import training_report
 from training.errors import run_cli
 from var.config import VARConfig
 
@@ -65,7 +66,7 @@ def test_quick_data_run_writes_json_plot_and_tables(tmp_path):
         assert r["steady_images_per_s"]["median"] > 0 and len(r["images_per_s"]["values"]) == 1
     with Image.open(out.with_suffix(".png")) as png:
         assert png.format == "PNG" and png.width > 100
-    table = tp.markdown_table(result)
+    table = training_report.markdown_table(result)
     assert "| 0 |" in table and "| 2 |" in table and "provisional" in table
 
 
@@ -82,11 +83,11 @@ def test_tables_and_plot_of_every_section(tmp_path):
               "mfu": {"matmul_peak_flops": peak, "matmul_peak_size": 256, "target_mfu_d16": 0.35, "rows": [row]},
               "scaling": {"model": {"depth": 6, "embed_dim": 128}, "image_size": 32, "global_batch": 8, "steps": 6,
                           "warmup_steps": 1, "usable_cpus": 2, "target_scaling": 1.6, "rows": scaling_rows}}
-    table = tp.markdown_table(result)
+    table = training_report.markdown_table(result)
     assert f"{100 * row['mfu']:.1f} %" in table and "| 2 processes | 1 |" in table and "1.70x" in table
     assert "provisional" not in table
-    assert len(tp.panels(result)) == 3
-    with Image.open(tp.save_plot(result, tmp_path / "p.png")) as png:
+    assert len(training_report.panels(result)) == 3
+    with Image.open(training_report.save_plot(result, tmp_path / "p.png")) as png:
         assert png.format == "PNG"
 
 
