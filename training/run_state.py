@@ -16,6 +16,7 @@ format) is never read.
 from __future__ import annotations
 
 import json
+import warnings
 import random
 from pathlib import Path
 
@@ -198,3 +199,35 @@ def read_log_records(path: Path) -> tuple[list[tuple[str, dict]], str | None]:
                              f"on --resume: fix or delete line {number}, then resume again") from err
         records.append((line, record))
     return records, partial
+
+
+def find_intact_checkpoint(ckpt_dir: Path, state_files: tuple[str, ...], state_keys: set[str],
+                           warn: bool = True) -> tuple[Path, dict, set[str]]:
+    """(folder, train state, files the manifest lists) of the checkpoint `latest.txt` names, or else of the
+    newest intact older one (with a warning naming both). Every process checks the same files, so all of them
+    take the same one."""
+    latest = ckpt_dir / "latest.txt"
+    if not latest.exists():
+        raise FileNotFoundError(f"--resume: no checkpoint in {ckpt_dir}; start without --resume")
+    named = Path(latest.read_text().strip()).name  # a name, never a path out of checkpoints/
+    older = sorted((p for p in ckpt_dir.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp")
+                    and p.name != named), reverse=True)
+    rejected = []
+    for folder in [ckpt_dir / named] + older:
+        problem, listed = check_folder(folder, state_files)
+        if problem is None:
+            try:
+                state = load_tree(folder, "state")
+                if not isinstance(state, dict) or not state_keys <= set(state) or not isinstance(state["config"], dict):
+                    raise StateFormatError(f"{folder / 'state.json'}: not a train state (keys {sorted(state_keys)})")
+            except StateFormatError as err:
+                problem = str(err)
+        if problem is None:
+            if rejected and warn:
+                warnings.warn(f"--resume: checkpoint {rejected[0][0]} is unusable ({rejected[0][1]}); resuming "
+                              f"from the newest intact checkpoint {folder} instead", stacklevel=4)
+            return folder, state, listed
+        rejected.append((folder, problem))
+    raise ValueError(f"--resume: no intact checkpoint in {ckpt_dir} ("
+                     + "; ".join(f"{f.name}: {why}" for f, why in rejected)
+                     + "); start the run again without --resume in a fresh train.out_dir")

@@ -31,7 +31,7 @@ from tokenizers.losses import PatchDiscriminator, VGGPerceptual, adaptive_gan_we
 from tokenizers.vqvae import VQVAE
 from training.images import grid_image, psnr
 from training.loader import ImageSamples, SkipCounter, collate_images, raise_if_failed
-from training.trainer import TrainJob
+from training.job import TrainJob
 from training.transforms import VARTransform
 
 

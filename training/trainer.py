@@ -30,7 +30,6 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import GradScalerKwargs
-from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from training.atomic import atomic_write
@@ -39,10 +38,11 @@ from training.dist_state import (ShardedEMA, check_supported, distributed_kind, 
                                  full_optimizer_state, load_model_state, load_optimizer_state)
 from training.optim import EMA, build_adamw, set_schedule
 from training.config import TrainConfig
+from training.job import TrainJob
 from training.loader import StepBatchSampler, make_loader
 from training.tracking import (StepMeter, accelerator_tracking_kwargs, finish_trackers, log_trackers,
                                start_trackers)
-from training.run_state import (StateFormatError, check_folder, load_tree, read_log_records, rng_state, save_tree,
+from training.run_state import (find_intact_checkpoint, load_tree, read_log_records, rng_state, save_tree,
                                 set_rng_state, write_manifest)
 
 STATE_FILES = ("state.json", "state.safetensors")
@@ -82,59 +82,8 @@ def resume_relevant(cfg: dict) -> dict:
             "label_smoothing": cfg["train"]["label_smoothing"]}
 
 
-class KeyDataset(Dataset):
-    """The loader dataset of in-memory jobs: a key (index, epoch) stands for itself; `fetch` does the work."""
-
-    def __getitem__(self, key):
-        return key
-
-
-class TrainJob:
-    """What the Trainer drives. Subclasses set `self.model` and implement num_items, loss (and usually
-    after_step, sample_grid, export), plus either `fetch(indices, device)` (in-memory data: the defaults
-    below route the loader through it) or the loader trio: `loader_dataset()` (key (index, epoch) -> one
-    sample, run in DataLoader workers), `collate(samples)` (-> a CPU batch) and `prepare_batch(batch,
-    device)` (-> what `loss` takes). Validation: `val_dataset()` (None: no held-out split) with the same
-    key / collate contract and `val_metrics(batch)`. Jobs with auxiliary networks (a GAN discriminator)
-    override the extra_* methods."""
-
-    model: torch.nn.Module
-    tokens_per_item: int = 0  # for the tokens/s column of the logs (0: not a token model)
-
-    def extra_models(self) -> list[torch.nn.Module]:
-        return []
-
-    def extra_optimizers(self, optim_cfg) -> list:
-        return []
-
-    def set_prepared(self, models) -> None:
-        self.model = models[0]
-
-    def all_models(self) -> list[torch.nn.Module]:
-        return [self.model] + self.extra_models()
-
-    def loader_dataset(self) -> Dataset:
-        return KeyDataset()
-
-    def loader_num_workers(self) -> int:
-        """DataLoader workers worth starting for the training loader (none for in-memory data)."""
-        return 0
-
-    def collate(self, samples: list) -> list[int]:
-        return [index for index, _epoch in samples]
-
-    def prepare_batch(self, batch, device: torch.device):
-        return self.fetch(batch, device)
-
-    def val_dataset(self) -> Dataset | None:
-        return None
-
-    def val_metrics(self, batch) -> dict:
-        raise NotImplementedError(f"{type(self).__name__} has no validation metrics")
-
-
 class Trainer:
-    def __init__(self, cfg: TrainConfig, job, accelerator: Accelerator):
+    def __init__(self, cfg: TrainConfig, job: TrainJob, accelerator: Accelerator):
         self.cfg, self.job, self.acc = cfg, job, accelerator
         self.out = Path(cfg.train.out_dir)
         self.ckpt_dir = self.out / "checkpoints"
@@ -402,37 +351,9 @@ class Trainer:
                 shutil.rmtree(old, ignore_errors=True)
         acc.wait_for_everyone()
 
-    def _find_intact_checkpoint(self) -> tuple[Path, dict, set[str]]:
-        """The checkpoint latest.txt names, or else the newest intact older one (with a warning naming both).
-        Every process checks the same files, so all of them take the same one."""
-        latest = self.ckpt_dir / "latest.txt"
-        if not latest.exists():
-            raise FileNotFoundError(f"--resume: no checkpoint in {self.ckpt_dir}; start without --resume")
-        named = Path(latest.read_text().strip()).name  # a name, never a path out of checkpoints/
-        older = sorted((p for p in self.ckpt_dir.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp")
-                        and p.name != named), reverse=True)
-        rejected = []
-        for folder in [self.ckpt_dir / named] + older:
-            problem, listed = check_folder(folder, STATE_FILES)
-            if problem is None:
-                try:
-                    state = load_tree(folder, "state")
-                    if not isinstance(state, dict) or not STATE_KEYS <= set(state) or not isinstance(state["config"], dict):
-                        raise StateFormatError(f"{folder / 'state.json'}: not a train state (keys {sorted(STATE_KEYS)})")
-                except StateFormatError as err:
-                    problem = str(err)
-            if problem is None:
-                if rejected and self.acc.is_main_process:
-                    warnings.warn(f"--resume: checkpoint {rejected[0][0]} is unusable ({rejected[0][1]}); resuming "
-                                  f"from the newest intact checkpoint {folder} instead", stacklevel=3)
-                return folder, state, listed
-            rejected.append((folder, problem))
-        raise ValueError(f"--resume: no intact checkpoint in {self.ckpt_dir} ("
-                         + "; ".join(f"{f.name}: {why}" for f, why in rejected)
-                         + "); start the run again without --resume in a fresh train.out_dir")
-
     def _load_latest(self) -> None:
-        folder, state, listed = self._find_intact_checkpoint()
+        folder, state, listed = find_intact_checkpoint(self.ckpt_dir, STATE_FILES, STATE_KEYS,
+                                                       warn=self.acc.is_main_process)
         now = _plain(resume_relevant(asdict(self.cfg)))
         changed = sorted(k for k in now if state["config"].get(k) != now[k])
         if changed:

@@ -24,7 +24,7 @@ from training.config import DataConfig, TrainConfig
 from training.images import grid_image
 from training.loader import ImageSamples, collate_images
 from training.token_cache import build_token_cache, dataset_fingerprint
-from training.trainer import TrainJob
+from training.job import TrainJob
 from training.transforms import VARTransform
 from var.config import VARConfig
 from var.model import VAR

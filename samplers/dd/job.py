@@ -24,7 +24,7 @@ from samplers.dd.data import DDConfig, DDDataset, model_fingerprint
 from samplers.dd.student import DDStudent
 from training.images import grid_image
 from training.config import TrainConfig
-from training.trainer import TrainJob
+from training.job import TrainJob
 
 
 def dd_loss(forward, student: DDStudent, codebook_VC: torch.Tensor, labels_B: torch.Tensor, noise_BLC: torch.Tensor,
