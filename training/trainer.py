@@ -1,16 +1,19 @@
-"""Generic training loop through `accelerate`: sharded deterministic data order, gradient accumulation,
-clipping, the VAR lr/wd schedule, EMA, JSONL logs, sample grids, atomic resumable checkpoints.
+"""The training loop through `accelerate`, in one place: a DataLoader over step-keyed batches (workers; the data
+order is a pure function of the step, training/loader.py), gradient accumulation, clipping, the VAR lr/wd
+schedule, EMA, validation every `train.val_every` steps, JSONL logs and trackers with throughput / memory /
+gradient norm, sample grids, atomic pickle-free checkpoints that hold the full state under DDP and FSDP.
 
-A *job* (tokenizer or VAR, see `training/tokenizer_job.py`, `training/var_job.py`) supplies the models,
-how to fetch a batch from dataset indices, the loss, the sample grid and the exported weights.
+A *job* (training/job.py: the tokenizer, VAR, CoDe and DD jobs) supplies the models, the loader dataset and
+collate, `prepare_batch` (e.g. encoding streamed images into tokens), the loss, the validation metrics, the
+sample grid and the exported weights.
 
 Run directory (`train.out_dir`): config.json (the full config + distributed setup), metrics.jsonl (one JSON
-record per logged step), samples/step_XXXXXXX.png, checkpoints/latest.txt (name of the newest complete
-checkpoint) and checkpoints/step_XXXXXXX/ (the newest `train.keep_checkpoints`; pickle-free, sealed by a
-sha256 manifest: see training/run_state.py), <job>.safetensors (the exported weights) and, for VAR jobs, the
-token cache (token_cache.safetensors.json + token_cache.safetensors.shard-*-of-*.safetensors unless train.token_cache
-puts it elsewhere; training/token_cache.py). `--resume` continues
-from the newest intact checkpoint: same data / optim / loss / seed settings, steps, logging and paths may change.
+record per logged step, and one per validation pass), trackers/ (train.log_with), samples/step_XXXXXXX.png,
+checkpoints/latest.txt (name of the newest complete checkpoint) and checkpoints/step_XXXXXXX/ (the newest
+`train.keep_checkpoints`; pickle-free, sealed by a sha256 manifest: training/run_state.py), <job>.safetensors
+(the exported weights) and, for VAR jobs with train.tokens = "cache", the sharded token cache
+(training/token_cache.py). `--resume` continues from the newest intact checkpoint: same data / optim / loss /
+seed settings; steps, logging and paths may change.
 """
 from __future__ import annotations
 
