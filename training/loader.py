@@ -82,16 +82,22 @@ class StepBatchSampler(Sampler):
 
 class ValSampler(Sampler):
     """The held-out items in order, keys (index, 0), in batches of `batch_size` (the last may be shorter),
-    at most `max_batches` of them (0: all). With world_size > 1, rank r takes batches r, r + world, ...
-    (the caller weights the per-rank means by batch size if it needs the exact overall mean)."""
+    at most `max_batches` of them (0: all). With world_size > 1, rank r takes batches r, r + world, ...;
+    `weights` holds each of its batches' item count, so weighting the per-batch means by it gives the exact
+    overall mean. With `pad`, every rank gets the same number of batches (FSDP runs a collective in every
+    forward): a rank short of one repeats batch 0 with weight 0."""
 
-    def __init__(self, num_items: int, batch_size: int, max_batches: int = 0, world_size: int = 1, rank: int = 0):
+    def __init__(self, num_items: int, batch_size: int, max_batches: int = 0, world_size: int = 1, rank: int = 0,
+                 pad: bool = False):
         if batch_size < 1:
             raise ValueError(f"validation batch size must be >= 1, got {batch_size}")
         n_batches = -(-num_items // batch_size)
         n_batches = min(n_batches, max_batches) if max_batches > 0 else n_batches
-        self.batches = [[(i, 0) for i in range(b * batch_size, min(num_items, (b + 1) * batch_size))]
-                        for b in range(n_batches)][rank::world_size]
+        every = [[(i, 0) for i in range(b * batch_size, min(num_items, (b + 1) * batch_size))] for b in range(n_batches)]
+        end = -(-n_batches // world_size) * world_size if pad else n_batches
+        mine = range(rank, end, world_size)
+        self.batches = [every[b] if b < n_batches else every[0] for b in mine]
+        self.weights = [len(every[b]) if b < n_batches else 0 for b in mine]
 
     def __iter__(self):
         return iter(self.batches)

@@ -30,7 +30,7 @@ from tokenizers.config import VQVAEConfig
 from tokenizers.losses import PatchDiscriminator, VGGPerceptual, adaptive_gan_weight, hinge_d_loss
 from tokenizers.vqvae import VQVAE
 from training.images import grid_image, psnr
-from training.loader import ImageSamples, SkipCounter, collate_images, raise_if_failed
+from training.loader import ImageSamples, collate_images
 from training.job import TrainJob
 from training.transforms import VARTransform
 
@@ -43,7 +43,6 @@ class TokenizerJob(TrainJob):
 
         self.cfg, self.lcfg, self.dataset, self.val = cfg, cfg.loss, dataset, val_dataset
         self.transform = VARTransform.from_config(cfg.data)
-        self.skips = SkipCounter()  # unreadable images skipped by loader batches (data.skip_corrupt)
         self.model = VQVAE(vae_config)
         if cfg.train.init_from:  # fine-tuning, e.g. from the official vae_ch160v4096z32.pth
             src = load_any(cfg.train.init_from, "vqvae", patch_nums=vae_config.patch_nums)
@@ -95,7 +94,6 @@ class TokenizerJob(TrainJob):
         return collate_images(samples)
 
     def prepare_batch(self, cpu_batch: dict, device: torch.device) -> torch.Tensor:
-        self.skips.update(raise_if_failed(cpu_batch))
         return cpu_batch["images"].to(device, non_blocking=True)
 
     @torch.no_grad()

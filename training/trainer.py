@@ -42,7 +42,7 @@ from training.dist_state import (ShardedEMA, check_supported, distributed_kind, 
 from training.optim import EMA, build_adamw, set_schedule
 from training.config import TrainConfig
 from training.job import TrainJob
-from training.loader import StepBatchSampler, make_loader
+from training.loader import SkipCounter, StepBatchSampler, ValSampler, make_loader
 from training.tracking import (StepMeter, accelerator_tracking_kwargs, finish_trackers, log_trackers,
                                start_trackers)
 from training.run_state import (find_intact_checkpoint, load_tree, read_log_records, rng_state, save_tree,
@@ -116,7 +116,8 @@ class Trainer:
             check_supported(accelerator, model)  # DeepSpeed / flat FSDP1: a one-line error now, not at the first checkpoint
         if cfg.optim.ema_decay > 0 and fsdp:  # per-shard average; state_dict() gathers it
             self.ema = ShardedEMA(accelerator.unwrap_model(job.model), cfg.optim.ema_decay)
-        self.skipped = 0  # unreadable images skipped so far (data.skip_corrupt)
+        self.skipped = 0  # unreadable images skipped so far (data.skip_corrupt), over all processes
+        self.skips = SkipCounter()  # this process's: warns once about each unreadable file
         # Checkpointed objects besides models and optimizers (state_dict / load_state_dict), stored in the
         # pickle-free train state under their name; jobs may register more.
         self.registered: dict[str, object] = {}
@@ -129,9 +130,6 @@ class Trainer:
         self.registered[name] = obj
 
     # ---- data: a seeded permutation per epoch, each global batch split over processes (training/loader.py)
-    def _data_position(self) -> tuple[int, int]:
-        """(epoch, position in the epoch's permutation) where step `self.step` starts: a pure function of the step."""
-        return self._sampler(self.step).epoch_pos(self.step)
 
     def _sampler(self, start_step: int) -> StepBatchSampler:
         cfg, acc = self.cfg, self.acc
@@ -163,7 +161,8 @@ class Trainer:
         self._seed_everything(resume)
         meter = StepMeter(acc.device, tokens_per_image=self.job.tokens_per_item, num_processes=acc.num_processes)
         total = cfg.train.steps
-        batches = iter(self._loader(self.job.loader_dataset(), self._sampler(self.step), self.job.loader_num_workers()))
+        data_order = self._sampler(self.step)
+        batches = iter(self._loader(self.job.loader_dataset(), data_order, self.job.loader_num_workers()))
         bar = tqdm(total=total, initial=self.step, disable=not acc.is_main_process, desc=f"train {cfg.job}")
         started = time.perf_counter() - self.wall_s
         while self.step < total:
@@ -171,7 +170,7 @@ class Trainer:
             metrics = self._train_step(batches, meter)
             meter.stop(self.micro_batch * cfg.optim.grad_accum)
             self.step += 1
-            self.epoch, self.pos = self._data_position()
+            self.epoch, self.pos = data_order.epoch_pos(self.step)  # a pure function of the step
             self.wall_s = time.perf_counter() - started
             bar.update(1)
             if self.ema is not None:
@@ -199,8 +198,8 @@ class Trainer:
         micro = [next(batches) for _ in range(cfg.optim.grad_accum)]
         meter.data_ready()
         # unreadable images skipped in this step, x processes: the mean over processes below is then the sum
-        sums: dict[str, float] = {"skipped_step": float(acc.num_processes * sum(
-            int(b["skipped"]) for b in micro if isinstance(b, dict) and "skipped" in b))}
+        skipped = sum(self.skips.update(b) for b in micro)
+        sums: dict[str, float] = {"skipped_step": float(acc.num_processes * skipped)}
         for i, cpu_batch in enumerate(micro):
             batch = job.prepare_batch(cpu_batch, acc.device)
             last = i == len(micro) - 1
@@ -242,16 +241,6 @@ class Trainer:
                                  f"then continue it with --resume")
 
     # ---- validation ---------------------------------------------------------------------------------------
-    def _val_batches(self, num_items: int) -> list[list[tuple[int, int]]]:
-        """This process's share of the held-out batches (in order, epoch 0), padded so every process runs the
-        same number of forwards (FSDP needs all of them in each one); padding batches get weight 0."""
-        m, world, rank = self.micro_batch, self.acc.num_processes, self.acc.process_index
-        batches = [[(i, 0) for i in range(start, min(start + m, num_items))] for start in range(0, num_items, m)]
-        if self.cfg.train.val_batches:
-            batches = batches[: self.cfg.train.val_batches]
-        per_rank = -(-len(batches) // world)
-        return [batches[b] if b < len(batches) else batches[0] for b in range(rank, per_rank * world, world)]
-
     @torch.no_grad()
     def _validate(self) -> None:
         """Mean of the job's val_metrics over the held-out split (item-weighted, over all processes)."""
@@ -263,12 +252,13 @@ class Trainer:
         model.eval()
         sums: dict[str, float] = {}
         count = 0.0
-        real = -(-min(len(dataset), (self.cfg.train.val_batches or len(dataset)) * self.micro_batch) // self.micro_batch)
-        batches = self._val_batches(len(dataset))
+        # this process's share of the held-out batches, padded so every process runs the same forwards
+        batches = ValSampler(len(dataset), self.micro_batch, self.cfg.train.val_batches, acc.num_processes,
+                             acc.process_index, pad=True)
         if self._val_loader is None:  # built once: with persistent_workers its workers live between passes
             self._val_loader = self._loader(dataset, batches, self.cfg.data.num_workers)  # images: decoded by workers
-        for b, cpu_batch in enumerate(self._val_loader):
-            weight = float(len(batches[b])) if b * acc.num_processes + acc.process_index < real else 0.0
+        for weight, cpu_batch in zip(batches.weights, self._val_loader, strict=True):
+            self.skips.update(cpu_batch)  # warns about unreadable files; the logged count is training's
             with acc.autocast():
                 metrics = self.job.val_metrics(self.job.prepare_batch(cpu_batch, acc.device))
             for k, v in metrics.items():
