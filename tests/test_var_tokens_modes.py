@@ -73,7 +73,10 @@ def test_token_mode_resolution_and_the_refusal_to_cache_random_crops():
     assert resolve_token_mode(plain, "auto", AUTO_CACHE_MAX_ITEMS + 1) == "stream"
     assert resolve_token_mode(crop, "auto", 48) == resolve_token_mode(flip, "auto", 48) == "stream"
     assert resolve_token_mode(plain, "stream", 48) == "stream" and resolve_token_mode(plain, "cache", 10**7) == "cache"
-    for augmented in (crop, flip):
+    # a random crop at mid_reso = 1 still moves along the longer side of a non-square image
+    square_crop = DataConfig(kind="procedural", random_crop=True)
+    assert resolve_token_mode(square_crop, "auto", 48) == "stream"
+    for augmented in (crop, flip, square_crop):
         with pytest.raises(ValueError, match=r"^train.tokens = 'cache' with an augmented data config .*tokens of random "
                                              r"crops cannot be cached; set train.tokens = 'stream' or 'auto'$"):
             resolve_token_mode(augmented, "cache", 48)

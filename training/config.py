@@ -107,8 +107,9 @@ class DataConfig:
 
     @property
     def augmented(self) -> bool:
-        """True when the train transform is random (tokens then cannot be cached)."""
-        return self.mid_reso > 1 and self.random_crop or self.hflip
+        """True when the train transform is random (tokens then cannot be cached): a random crop is random even
+        at mid_reso = 1, along the longer side of a non-square image (training/transforms.py is_random)."""
+        return self.random_crop or self.hflip
 
     @property
     def has_val(self) -> bool:

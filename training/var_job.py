@@ -35,8 +35,8 @@ AUTO_CACHE_MAX_ITEMS = 200_000  # 200k x 680 tokens x 4 B = 0.5 GB in RAM at 256
 def resolve_token_mode(data: DataConfig, tokens: str, num_items: int) -> str:
     """"cache" or "stream" for train.tokens = auto / cache / stream (see the module docstring)."""
     if tokens == "cache" and data.augmented:
-        raise ValueError("train.tokens = 'cache' with an augmented data config (data.random_crop with data.mid_reso > 1, "
-                         "or data.hflip): tokens of random crops cannot be cached; set train.tokens = 'stream' or 'auto'")
+        raise ValueError("train.tokens = 'cache' with an augmented data config (data.random_crop or data.hflip): "
+                         "tokens of random crops cannot be cached; set train.tokens = 'stream' or 'auto'")
     if tokens == "auto":
         return "cache" if not data.augmented and num_items <= AUTO_CACHE_MAX_ITEMS else "stream"
     return tokens
