@@ -73,10 +73,8 @@ class VARJob(TrainJob):
         self.vae.eval().requires_grad_(False)
         self.model = VAR(var_config)
         check_models_compatible(self.model, self.vae, "the [var] config")
-        # what init_from did (class embedding kept, re-initialised or resized), for the log
-        self.init_report = None
         if cfg.train.init_from:
-            self.init_report = load_init_from(self.model, cfg.train.init_from, "var", class_mode=cfg.train.init_class_embedding)
+            load_init_from(self.model, cfg.train.init_from, "var", class_mode=cfg.train.init_class_embedding)
         num_classes = len(getattr(dataset, "classes", [])) or var_config.num_classes
         if num_classes > var_config.num_classes:
             raise ValueError(f"the dataset has {num_classes} classes but var.num_classes = {var_config.num_classes}; "
