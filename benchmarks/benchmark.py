@@ -111,7 +111,7 @@ class ProxyQuality:
         from eval.harness import fashion_mnist_reference
         from eval.proxy import load_classifier
         self.net = load_classifier(classifier, device)
-        self.reference = fashion_mnist_reference(data, self.net, self.net.config.image_size, device=device)
+        self.reference = fashion_mnist_reference(data, self.net, device=device)
         self.count, self.batch, self.seed, self.device = count, batch, seed, device
 
     def __call__(self, sampler, num_classes: int, sample_kwargs: dict, baseline: dict | None = None):

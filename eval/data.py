@@ -18,7 +18,9 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from training.atomic import atomic_write
+from training.data import FashionMNIST
 from training.images import UnsupportedImageError, read_rgb_uint8
+from training.transforms import VARTransform
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 STATS_FORMAT = "var-toolkit-ref-stats"
@@ -144,13 +146,17 @@ def open_images(path: str | Path, labels_path: str | Path | None = None) -> Imag
     return source
 
 
-def fashion_mnist_uint8(root: str | Path, split: str, image_size: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """A Fashion-MNIST split as uint8 (N, S, S, 3), centre-padded with the background exactly like
-    training.data.FashionMNIST lays out the images the tokenizer is trained on (and therefore reproduces)."""
-    from training.data import FashionMNIST
-
+def fashion_mnist_uint8(root: str | Path, split: str, image_size: int, pad_small: bool = True
+                        ) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """A Fashion-MNIST split as uint8 (N, S, S, 3), laid out exactly like the tokenizer's training data (and
+    therefore what its models reproduce): centre-padded with the background (data.pad_small = true, the 32 px
+    models), or upsampled to S x S with Lanczos (data.pad_small = false, the 64 px models of v2)."""
     ds = FashionMNIST(root, split, image_size)
     n, h, w = ds.images.shape
+    if not pad_small:
+        resize = VARTransform(image_size, pad_small=False).resize
+        out = np.stack([resize(np.repeat(img[..., None], 3, axis=-1)) for img in ds.images])
+        return out, ds.labels.copy(), list(ds.classes)
     if h > image_size or w > image_size:
         raise ValueError(f"image size {image_size} is smaller than the {h}x{w} Fashion-MNIST images")
     top, left = (image_size - h) // 2, (image_size - w) // 2

@@ -104,7 +104,7 @@ def run(args: argparse.Namespace) -> dict:
         if args.proxy_ref:
             ref = load_reference(args.proxy_ref, net, batch_size=args.batch_size, device=device)
         else:
-            ref = fashion_mnist_reference(args.proxy_data, net, net.config.image_size, device=device)
+            ref = fashion_mnist_reference(args.proxy_data, net, device=device)
         # "proxy_" on every key: these are not FID/IS and must never be reported as such
         report["proxy"] = evaluate(net, source, ref, prefix="proxy_", labels=source.labels, compute_is=False, **common)
         report["proxy"]["note"] = ("offline proxy: distances in a small Fashion-MNIST classifier's features; "

@@ -128,9 +128,14 @@ def load_reference(path: str | Path, net, *, batch_size: int = 100, device=None)
     return Reference({k: ref.arrays[k] for k in ("mu", "sigma", "mu_s", "sigma_s") if k in ref.arrays}, feats, info)
 
 
-def fashion_mnist_reference(root: str | Path, net, image_size: int, batch_size: int = 500, device=None,
-                            split: str = "test") -> Reference:
-    images, labels, _ = fashion_mnist_uint8(root, split, image_size)
+def fashion_mnist_reference(root: str | Path, net, image_size: int | None = None, batch_size: int = 500, device=None,
+                            split: str = "test", pad_small: bool | None = None) -> Reference:
+    """Reference features of a real split. The layout (size, padded or upsampled) defaults to the one the
+    proxy classifier was trained on (its config), which is the layout of the models it scores."""
+    config = getattr(net, "config", None)
+    image_size = image_size or getattr(config, "real_image_size", None) or getattr(config, "image_size")
+    pad_small = getattr(config, "pad_small", True) if pad_small is None else pad_small
+    images, labels, _ = fashion_mnist_uint8(root, split, image_size, pad_small)
     feats = extract_features(net, ArraySource(images, f"fashion-mnist {split}"), batch_size, device,
                              desc=f"Fashion-MNIST {split} features ({net.name})", keys=("pool",))
     stats = stats_from_features(feats, f"Fashion-MNIST {split}")

@@ -16,20 +16,38 @@ Definitions (all on the whole split, images as the models see them: 32x32, [-1, 
 """
 from __future__ import annotations
 
+import argparse
 import json
 import platform
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from tqdm import tqdm
 
+from eval.data import fashion_mnist_uint8
 from samplers.default import DefaultSampler
 from training.atomic import atomic_write_json, file_sha256
 from training.checkpoint import load_model, read_metadata
 from training.images import grid_image, psnr, save_png_atomic
 
 
+class RealImages:
+    """A Fashion-MNIST split laid out as the tokenizer saw it in training: (image in [-1, 1], label) pairs."""
+
+    def __init__(self, root: str, split: str, image_size: int, pad_small: bool = True, limit: int = 0):
+        images_NHWC, labels, _ = fashion_mnist_uint8(root, split, image_size, pad_small)
+        if limit:
+            images_NHWC, labels = images_NHWC[:limit], labels[:limit]
+        self.images_NCHW = rearrange(torch.from_numpy(images_NHWC), "n h w c -> n c h w")
+        self.labels = labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        return self.images_NCHW[i].float().div(127.5).sub(1), int(self.labels[i])
 
 
 @torch.no_grad()
@@ -121,6 +139,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--data-root", default="/usr/share/datasets/fashion-mnist")
     parser.add_argument("--split", default="test")
     parser.add_argument("--image-size", type=int, default=0, help="0: the tokenizer's image size")
+    parser.add_argument("--pad-small", action=argparse.BooleanOptionalAction, default=True,
+                        help="the tokenizer's data layout: 28x28 centre-padded (the 32 px models) or, with "
+                             "--no-pad-small, upsampled with Lanczos (the 64 px v2 models, data.pad_small = false)")
     parser.add_argument("--limit", type=int, default=0, help="evaluate the first N images only (0: all)")
     parser.add_argument("--samples", default="", help="PNG class grid from the first --var model")
     parser.add_argument("--samples-extra", default="", help="folder for one grid per other --var model")
@@ -133,14 +154,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    from torch.utils.data import Subset
-
-    from training.data import FashionMNIST
-
     vae = load_model(args.tokenizer, "vqvae").eval()
-    dataset = FashionMNIST(args.data_root, args.split, args.image_size or vae.config.image_size)
-    if args.limit:
-        dataset = Subset(dataset, range(min(args.limit, len(dataset))))
+    dataset = RealImages(args.data_root, args.split, args.image_size or vae.config.image_size, args.pad_small, args.limit)
     tok_stats, tokens, labels = tokenizer_metrics(vae, dataset)
     logs = named_paths(args.log, "log")
     # "tokenizer" and "var" hold what benchmarks/readme_tables.py renders into the README; the rest is provenance

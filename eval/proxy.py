@@ -29,17 +29,28 @@ FORMAT_VERSION = 1
 @dataclass
 class ClassifierConfig:
     num_classes: int = 10
-    image_size: int = 32  # training resolution; Fashion-MNIST 28x28 centre-padded like training.data does
+    image_size: int = 32  # the network's input resolution (other sizes are resized to it)
+    # how the real Fashion-MNIST images (training set, FD reference) are laid out, as the tokenizer's data:
+    # 28x28 centre-padded (pad_small, the 32 px models) or upsampled with Lanczos, at data_size (0: image_size)
+    pad_small: bool = True
+    data_size: int = 0
     widths: tuple[int, ...] = (32, 64, 128)  # conv stages, each ending in a 2x2 max-pool
     convs_per_stage: int = 1
     feature_dim: int = 128  # penultimate layer: the proxy's feature space
     class_names: list[str] = field(default_factory=list)
+
+    @property
+    def real_image_size(self) -> int:
+        """The resolution the real images are rendered at (before the network resizes them)."""
+        return self.data_size or self.image_size
 
     def __post_init__(self) -> None:
         self.widths = tuple(int(w) for w in self.widths)
         if self.num_classes < 2 or not self.widths or self.image_size % 2 ** len(self.widths):
             raise ValueError(f"invalid classifier config {self}: need >= 2 classes, >= 1 stage and an image "
                              f"size divisible by 2^{len(self.widths)} (one 2x pooling per stage)")
+        if self.data_size < 0 or (self.data_size and self.data_size < self.image_size):
+            raise ValueError(f"data_size must be 0 (= image_size) or >= image_size {self.image_size}, got {self.data_size}")
         if self.class_names and len(self.class_names) != self.num_classes:
             raise ValueError(f"{len(self.class_names)} class names for {self.num_classes} classes")
 

@@ -9,6 +9,7 @@ so a bad classifier is never shipped silently.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import sys
@@ -24,9 +25,10 @@ from eval.data import fashion_mnist_uint8
 from eval.proxy import ClassifierConfig, ProxyClassifier, save_classifier
 
 
-def fashion_mnist_01(root: str | Path, split: str, image_size: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+def fashion_mnist_01(root: str | Path, split: str, image_size: int, pad_small: bool = True
+                     ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """All images of a split as (N, 3, S, S) float in [0, 1] (the FeatureNetwork input convention)."""
-    images_NHWC, labels, classes = fashion_mnist_uint8(root, split, image_size)
+    images_NHWC, labels, classes = fashion_mnist_uint8(root, split, image_size, pad_small)
     return rearrange(torch.from_numpy(images_NHWC), "n h w c -> n c h w").float().div_(255), torch.from_numpy(labels), classes
 
 
@@ -56,12 +58,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", required=True, help="folder with the Fashion-MNIST idx files")
     ap.add_argument("--out", default="eval/weights/fmnist_classifier.safetensors")
     ap.add_argument("--image-size", type=int, default=32, help="the tokenizer's resolution (32 for the shipped models)")
+    ap.add_argument("--data-size", type=int, default=0,
+                    help="resolution the real images are rendered at, the models' (0: --image-size; 64 for the v2 models)")
+    ap.add_argument("--pad-small", action=argparse.BooleanOptionalAction, default=True,
+                    help="centre-pad the 28x28 images (the 32 px models) or, with --no-pad-small, upsample them "
+                         "with Lanczos (the v2 models' data.pad_small = false)")
     ap.add_argument("--widths", default="32,64,128")
     ap.add_argument("--convs-per-stage", type=int, default=1)
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--lr", type=float, default=3e-3)
-    ap.add_argument("--max-shift", type=int, default=2)
+    ap.add_argument("--max-shift", type=int, default=2, help="pixels at the rendered resolution")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--min-accuracy", type=float, default=0.90)
@@ -70,9 +77,11 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
-    train_x, train_y, classes = fashion_mnist_01(args.data, "train", args.image_size)
-    test_x, test_y, _ = fashion_mnist_01(args.data, "test", args.image_size)
-    config = ClassifierConfig(num_classes=len(classes), image_size=args.image_size,
+    config = ClassifierConfig(num_classes=10, image_size=args.image_size, pad_small=args.pad_small, data_size=args.data_size)
+    train_x, train_y, classes = fashion_mnist_01(args.data, "train", config.real_image_size, args.pad_small)
+    test_x, test_y, _ = fashion_mnist_01(args.data, "test", config.real_image_size, args.pad_small)
+    config = ClassifierConfig(num_classes=len(classes), image_size=args.image_size, pad_small=args.pad_small,
+                              data_size=args.data_size,
                               widths=tuple(int(w) for w in args.widths.split(",")),
                               convs_per_stage=args.convs_per_stage, class_names=classes)
     model = ProxyClassifier(config)

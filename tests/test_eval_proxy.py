@@ -56,3 +56,32 @@ def test_foreign_safetensors_file_is_rejected(tmp_path):
         load_classifier(tmp_path / "x.safetensors")
     with pytest.raises(FileNotFoundError, match="eval.train_classifier"):
         load_classifier(tmp_path / "missing.safetensors")
+
+
+@pytest.mark.skipif(not FMNIST.is_dir(), reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
+@pytest.mark.parametrize("pad_small", [True, False])
+def test_real_image_layout_is_the_tokenizer_training_layout(pad_small):
+    """The FD reference / classifier / model-card images are the pixels the tokenizer's training loader
+    produces (training.loader.ImageSamples with data.pad_small), for both layouts."""
+    from eval.data import fashion_mnist_uint8
+    from training.data import FashionMNIST
+    from training.loader import ImageSamples
+    from training.transforms import VARTransform
+
+    size = 32 if pad_small else 64
+    images, labels, _ = fashion_mnist_uint8(FMNIST, "test", size, pad_small)
+    loader_items = ImageSamples(FashionMNIST(FMNIST, "test", size), VARTransform(size, pad_small=pad_small), seed=0)
+    for i in (0, 17, 9999):
+        img, label, _ = loader_items[i]
+        ours = torch.from_numpy(images[i]).permute(2, 0, 1).float() / 127.5 - 1
+        assert label == labels[i] and torch.equal(ours, img)
+
+
+def test_classifier_layout_fields_round_trip(tmp_path):
+    net = ProxyClassifier(ClassifierConfig(widths=(4, 8), feature_dim=6, pad_small=False, data_size=64)).eval()
+    path = save_classifier(tmp_path / "c.safetensors", net)
+    loaded = load_classifier(path)
+    assert (loaded.config.pad_small, loaded.config.real_image_size, loaded.config.image_size) == (False, 64, 32)
+    assert ClassifierConfig().real_image_size == 32 and ClassifierConfig().pad_small
+    with pytest.raises(ValueError, match="data_size"):
+        ClassifierConfig(data_size=16)
