@@ -23,8 +23,13 @@ from training.atomic import atomic_write_json, atomic_write_text
 REPO = Path(__file__).resolve().parents[1]
 
 
-def model_card_markdown(card: dict) -> str:
-    """checkpoints/fmnist/model_card.json (written by `python -m eval.model_card`) as README tables."""
+SHIPPED_V1 = REPO / "checkpoints" / "fmnist"
+SHIPPED_V2 = REPO / "checkpoints" / "fmnist64"
+
+
+def model_card_markdown(card: dict, folder: Path = SHIPPED_V1) -> str:
+    """A shipped set's model_card.json (written by `python -m eval.model_card`) as README tables; the proxy
+    columns come from the eval cards beside it (`sample.py --eval-card`)."""
     tok, ds = card["tokenizer"], card["dataset"]
     per_scale = lambda values: " / ".join(f"{v:.3g}" for v in values)  # noqa: E731
     lines = [f"{ds['name']} {ds['split']} set, {ds['images']} images, scales {tok['patch_nums']}.", "",
@@ -37,30 +42,32 @@ def model_card_markdown(card: dict) -> str:
              "| VAR | params | depth / width | token accuracy per scale (teacher-forced) | all scales | "
              "proxy accuracy | proxy FD |", "|---|---|---|---|---|---|---|"]
     for name, info in card["var"].items():
-        q = proxy_quality(name) or info.get("sample_quality") or {}
+        q = proxy_quality(name, folder) or info.get("sample_quality") or {}
         acc = q.get("classifier_accuracy")
         fd = q.get("proxy_fd")
         lines.append(f"| {name} | {info['num_params'] / 1e6:.2f} M | {info['config']['depth']} / "
                      f"{info['config']['embed_dim']} | {per_scale(info['token_accuracy_per_scale'])} | "
                      f"{info['token_accuracy_all']:.3f} | {'—' if acc is None else f'{100 * acc:.1f}%'} | "
                      f"{'—' if fd is None else f'{fd:.2f}'} |")
-    cards = {name: proxy_quality(name) for name in card["var"]}
+    cards = {name: proxy_quality(name, folder) for name in card["var"]}
+    where = folder.relative_to(REPO)
+    real = card.get("proxy_reference", {}).get("note", REAL_PROXY_FD)
     if any(cards.values()):
         c = next(c for c in cards.values() if c)
         lines += ["", f"Proxy columns: {c['num_samples']} samples ({c['per_class']} per class, default sampler, cfg "
                       f"{c['cfg']}, top-k {c['top_k']}, seed {c['seed']}) scored by the offline Fashion-MNIST classifier "
                       f"(`eval/`): its accuracy on the intended labels and the Fréchet distance in its features to the "
-                      f"real test set (real training images score {REAL_PROXY_FD}). From "
-                      + ", ".join(f"`checkpoints/fmnist/eval_card_{n}.json`" for n, v in cards.items() if v) + "."]
+                      f"real test set (real training images score {real}). From "
+                      + ", ".join(f"`{where}/eval_card_{n}.json`" for n, v in cards.items() if v) + "."]
     return "\n".join(lines) + "\n"
 
 
 REAL_PROXY_FD = "0.70; the classifier's own test accuracy is 91.2%"
 
 
-def proxy_quality(name: str) -> dict | None:
+def proxy_quality(name: str, folder: Path = SHIPPED_V1) -> dict | None:
     """Proxy scores of a shipped VAR from its eval card (written by `sample.py --eval-card`)."""
-    path = REPO / "checkpoints" / "fmnist" / f"eval_card_{name}.json"
+    path = folder / f"eval_card_{name}.json"
     if not path.is_file():
         return None
     card = json.loads(path.read_text())
@@ -332,7 +339,8 @@ BLOCKS = {
     "engine-d16": (RESULTS / "engine_d16.json", lambda r: markdown_table(r)),
     "engine-fmnist": (RESULTS / "engine_fmnist.json", lambda r: markdown_table(r)),
     "engine-fmnist-quality": (RESULTS / "engine_fmnist_quality.json", quality_table),
-    "model-card": (REPO / "checkpoints" / "fmnist" / "model_card.json", model_card_markdown),
+    "model-card": (SHIPPED_V1 / "model_card.json", model_card_markdown),
+    "model-card-v2": (SHIPPED_V2 / "model_card.json", lambda card: model_card_markdown(card, SHIPPED_V2)),
     "training-pipeline": (RESULTS / "training_pipeline.json", training_pipeline_table),
     "dd-schedules": (RESULTS / "dd_schedules_fmnist.json", schedule_table),
 }
