@@ -403,3 +403,48 @@ def test_shipped_configs_parse(path):
         from samplers.code.training import CoDeTrainConfig
         # the authors' 8 of 10 scales, as a fraction of the shipped tokenizer's six
         assert train.from_dict(CoDeTrainConfig, cfg.code).draft_scales == round(0.8 * 6)
+
+
+def test_ema_warmup_law():
+    """With optim.ema_warmup the weight the EMA keeps on its initial value after n updates is
+    prod_t (1 + t) / (10 + t) = 10! (n + 1)! / (n + 10)! (until the cap), against decay^n without warm-up."""
+    from math import factorial
+
+    from training.optim import EMA, ema_decay_at
+
+    cfg = OptimConfig(ema_decay=0.998, ema_warmup=True)
+    assert ema_decay_at(cfg, 1) == pytest.approx(2 / 11) and ema_decay_at(cfg, 10_000) == 0.998
+    assert ema_decay_at(OptimConfig(ema_decay=0.998), 1) == 0.998
+    model = torch.nn.Linear(1, 1, bias=False)
+    torch.nn.init.constant_(model.weight, 1.0)
+    ema = EMA(model, cfg.ema_decay)
+    torch.nn.init.constant_(model.weight, 0.0)  # trained weights 0: the EMA value is the weight left on the init
+    n = 200
+    for step in range(1, n + 1):
+        ema.update(model, ema_decay_at(cfg, step))
+    expected = factorial(10) * factorial(n + 1) / factorial(n + 10)  # the cap 0.998 is not reached by step 200
+    assert float(ema.model.weight) == pytest.approx(expected, rel=1e-4)
+
+
+def test_export_weights_and_settings_added_after_a_checkpoint(tmp_path, tiny_tokenizer):
+    """train.export_weights = "model" re-exports a finished run's trained (not EMA) weights on --resume, and a
+    checkpoint written before optim.ema_warmup existed still resumes (its default reproduces the old law)."""
+    from training.trainer import saved_settings
+
+    cfg = write_var_config(tmp_path, tiny_tokenizer, steps=2, ckpt_every=2, ema=0.9)
+    out = tmp_path / "run"
+    train.main(["var", "--config", str(cfg), "--set", f"train.out_dir={out}"])
+    state = load_tree(out / "checkpoints" / "step_0000002", "state")
+    ema_export = params(out / "var.safetensors")
+    train.main(["var", "--config", str(cfg), "--set", f"train.out_dir={out}", "--set", "train.export_weights=model",
+                "--resume"])
+    model_export = params(out / "var.safetensors")
+    trained, averaged = state["models"][0], state["ema"]
+    assert torch.equal(model_export["head.weight"], trained["head.weight"])
+    assert torch.equal(ema_export["head.weight"], averaged["head.weight"])
+    assert not torch.equal(trained["head.weight"], averaged["head.weight"])
+    old = {"optim": {k: v for k, v in state["config"]["optim"].items() if k != "ema_warmup"}, "seed": 0}
+    assert saved_settings(old)["optim"]["ema_warmup"] is False
+    with pytest.raises(ValueError, match="train.export_weights"):
+        train.main(["var", "--config", str(cfg), "--set", f"train.out_dir={tmp_path / 'x'}", "--set",
+                    "train.export_weights=best"])

@@ -132,6 +132,7 @@ class OptimConfig:
     final_lr_ratio: float = 0.1
     grad_clip: float = 2.0  # global L2 norm; <= 0 disables
     ema_decay: float = 0.0  # 0 disables EMA weights
+    ema_warmup: bool = False  # decay min(ema_decay, (1 + step) / (10 + step)) (diffusers); for short runs
 
     def __post_init__(self) -> None:
         _number("optim.base_lr", self.base_lr, gt=0)
@@ -188,12 +189,16 @@ class RunConfig:
     sample_cfg: float = 1.5  # VAR only: guidance of the periodic sample grids
     samples_per_class: int = 8  # VAR only: one grid row per class (at most 10 classes)
     num_threads: int = 0  # CPU threads for torch (0: torch's default); 1-2 on a shared machine
+    # which weights the exported file and the sample grids hold when EMA is on: "ema" or "model" (the trained
+    # weights); may change on --resume (a finished run resumed re-exports)
+    export_weights: str = "ema"
 
     def __post_init__(self) -> None:
         _number("train.steps", self.steps, integer=True, ge=1)
         _number("train.seed", self.seed, integer=True, ge=0, le=MAX_SEED)
         _text("train.out_dir", self.out_dir, nonempty=True)
         _text("train.mixed_precision", self.mixed_precision, ("auto", "no", "bf16", "fp16"))
+        _text("train.export_weights", self.export_weights, ("ema", "model"))
         for name in ("log_every", "sample_every", "ckpt_every", "keep_checkpoints", "samples_per_class"):
             _number(f"train.{name}", getattr(self, name), integer=True, ge=1)
         _number("train.label_smoothing", self.label_smoothing, ge=0, lt=1)

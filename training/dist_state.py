@@ -172,10 +172,11 @@ class ShardedEMA:
         return t.to_local() if isinstance(t, DTensor) else t
 
     @torch.no_grad()
-    def update(self, model: nn.Module | None = None) -> None:
+    def update(self, model: nn.Module | None = None, decay: float | None = None) -> None:
         params = list((model or self.model).parameters())
+        weight = 1 - (self.decay if decay is None else decay)
         for shadow, p in zip(self.shadow, params, strict=True):
-            shadow.lerp_(self._local(p).detach().float(), 1 - self.decay)
+            shadow.lerp_(self._local(p).detach().float(), weight)
 
     @torch.no_grad()
     def state_dict(self) -> dict[str, torch.Tensor]:

@@ -67,6 +67,15 @@ def set_schedule(optimizer: torch.optim.Optimizer, step: int, total_steps: int, 
     return optimizer.param_groups[0]["lr"]
 
 
+def ema_decay_at(cfg: OptimConfig, step: int) -> float:
+    """The EMA decay after optimizer step `step` (1-based). With optim.ema_warmup, min(decay, (1 + step) /
+    (10 + step)) (diffusers' EMAModel warm-up): early averages forget the random initialisation quickly, and a
+    short run's EMA no longer keeps decay^steps of it (0.998^800 = 20 %)."""
+    if not cfg.ema_warmup:
+        return cfg.ema_decay
+    return min(cfg.ema_decay, (1 + step) / (10 + step))
+
+
 class EMA:
     """Exponential moving average of a model's parameters and buffers (kept in fp32 on the model's device)."""
 
@@ -75,9 +84,10 @@ class EMA:
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
 
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
+    def update(self, model: nn.Module, decay: float | None = None) -> None:
+        weight = 1 - (self.decay if decay is None else decay)
         for ema_p, p in zip(self.model.parameters(), model.parameters()):
-            ema_p.lerp_(p.detach().float(), 1 - self.decay)
+            ema_p.lerp_(p.detach().float(), weight)
         for ema_b, b in zip(self.model.buffers(), model.buffers()):
             ema_b.copy_(b)
 

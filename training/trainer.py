@@ -39,7 +39,7 @@ from training.atomic import atomic_write
 from training.images import save_png_atomic
 from training.dist_state import (ShardedEMA, check_supported, distributed_kind, full_model_state,
                                  full_optimizer_state, load_model_state, load_optimizer_state)
-from training.optim import EMA, build_adamw, set_schedule
+from training.optim import EMA, build_adamw, ema_decay_at, set_schedule
 from training.config import TrainConfig
 from training.job import TrainJob
 from training.loader import SkipCounter, StepBatchSampler, ValSampler, make_loader
@@ -83,6 +83,20 @@ def resume_relevant(cfg: dict) -> dict:
     return {"job": cfg["job"], "data": cfg["data"], "optim": cfg["optim"], "loss": cfg["loss"],
             "code": cfg.get("code", {}), "seed": cfg["train"]["seed"],
             "label_smoothing": cfg["train"]["label_smoothing"]}
+
+
+# Resume-relevant settings added after runs were made, with the default that reproduces the old behaviour: a
+# checkpoint written before a setting existed resumes as long as the setting keeps that default.
+ADDED_SETTINGS = {"optim": {"ema_warmup": False}}
+
+
+def saved_settings(saved: dict) -> dict:
+    """A checkpoint's resume-relevant settings with the ADDED_SETTINGS it predates filled in."""
+    out = dict(saved)
+    for section, added in ADDED_SETTINGS.items():
+        if isinstance(out.get(section), dict):
+            out[section] = {**added, **out[section]}
+    return out
 
 
 class Trainer:
@@ -174,7 +188,7 @@ class Trainer:
             self.wall_s = time.perf_counter() - started
             bar.update(1)
             if self.ema is not None:
-                self.ema.update(acc.unwrap_model(self.job.model))
+                self.ema.update(acc.unwrap_model(self.job.model), ema_decay_at(cfg.optim, self.step))
             if acc.is_main_process and (self.step % cfg.train.log_every == 0 or self.step == total):
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}")
                 self._log({"step": self.step, "epoch": self.epoch, **metrics, **meter.window(),
@@ -279,14 +293,15 @@ class Trainer:
         log_trackers(self.acc, record, record["step"])
 
     def _model_for_use(self):
-        """The EMA (or trained) model as a plain module on the main process, None elsewhere. Every process must
+        """The EMA (or, without EMA or with train.export_weights = "model", the trained) model as a plain module on the main process, None elsewhere. Every process must
         call it: under FSDP it gathers the shards into a copy."""
         acc = self.acc
+        use_ema = self.ema is not None and self.cfg.train.export_weights == "ema"
         if not self._fsdp:
             if not acc.is_main_process:
                 return None
-            return self.ema.model if self.ema is not None else acc.unwrap_model(self.job.model)
-        sd = self.ema.state_dict() if self.ema is not None else full_model_state(acc, self.job.model)
+            return self.ema.model if use_ema else acc.unwrap_model(self.job.model)
+        sd = self.ema.state_dict() if use_ema else full_model_state(acc, self.job.model)
         if not acc.is_main_process:
             return None
         self._plain.load_state_dict(sd)
@@ -347,8 +362,8 @@ class Trainer:
     def _load_latest(self) -> None:
         folder, state, listed = find_intact_checkpoint(self.ckpt_dir, STATE_FILES, STATE_KEYS,
                                                        warn=self.acc.is_main_process)
-        now = _plain(resume_relevant(asdict(self.cfg)))
-        changed = sorted(k for k in now if state["config"].get(k) != now[k])
+        now, saved = _plain(resume_relevant(asdict(self.cfg))), saved_settings(state["config"])
+        changed = sorted(k for k in now if saved.get(k) != now[k])
         if changed:
             raise ValueError(f"--resume: the config differs from the run in {self.out} in {changed}; a resumed run must "
                              f"keep its data, optim, loss and seed settings (only steps, logging and paths may change)")
