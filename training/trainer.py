@@ -293,8 +293,8 @@ class Trainer:
         log_trackers(self.acc, record, record["step"])
 
     def _model_for_use(self):
-        """The EMA (or, without EMA or with train.export_weights = "model", the trained) model as a plain module on the main process, None elsewhere. Every process must
-        call it: under FSDP it gathers the shards into a copy."""
+        """The EMA model (the trained one without EMA or with train.export_weights = "model") as a plain module
+        on the main process, None elsewhere. Every process must call it: under FSDP it gathers the shards."""
         acc = self.acc
         use_ema = self.ema is not None and self.cfg.train.export_weights == "ema"
         if not self._fsdp:
