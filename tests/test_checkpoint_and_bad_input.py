@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from tests.conftest import make_tiny_pair
 from samplers import build_sampler
@@ -25,6 +27,25 @@ def test_our_format_round_trip_is_bitwise(tmp_path, tiny_pair):
     s2 = build_sampler("default", var=var2, vae=vae2).sample(torch.tensor([1, 2]), top_k=5, seed=3)
     assert torch.equal(s1.images, s2.images)
     assert not list(tmp_path.glob(".*.tmp")), "atomic writes leave no temp files behind"
+
+
+def test_derived_mask_is_left_out_and_rebuilt(tmp_path, tiny_pair):
+    """Files leave out the (L, L) block-causal mask; loading rebuilds it, and files that hold it still load."""
+    var, _ = tiny_pair
+    path = save_model(tmp_path / "var.safetensors", var)
+    with safe_open(str(path), framework="pt") as fh:
+        keys = set(fh.keys())
+    assert "attn_bias_for_masking" not in keys and "lvl_1L" in keys
+    # independent truth: token i sees token j iff j's scale is not finer than i's
+    scale_L = torch.cat([torch.full((pn * pn,), s) for s, pn in enumerate(var.config.patch_nums)])
+    want_LL = torch.where(scale_L[:, None] >= scale_L[None, :], 0.0, float("-inf"))
+    assert torch.equal(load_model(path, "var").attn_bias_for_masking[0, 0], want_LL)
+    tensors = {k: v.contiguous() for k, v in var.state_dict().items()}
+    with safe_open(str(path), framework="pt") as fh:
+        meta = fh.metadata()
+    save_file(tensors, str(tmp_path / "old.safetensors"), metadata=meta)  # as format-1 files were written before
+    old = load_model(tmp_path / "old.safetensors", "var")
+    assert all(torch.equal(v, tensors[k]) for k, v in old.state_dict().items())
 
 
 def test_official_bare_state_dicts_load_with_inferred_config(tmp_path):

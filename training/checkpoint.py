@@ -47,6 +47,16 @@ def register_kind(kind: str, model_cls: type, config_cls: type) -> None:
     KINDS[kind] = (model_cls, config_cls)
 
 
+# Buffers every model rebuilds from its config: an (L, L) attention mask is 1.85 MB at L = 680, more than a small
+# model's weights. Our files leave them out (format version 1 files that hold them still load); official .pth
+# files keep theirs.
+DERIVED_BUFFERS = ("attn_bias_for_masking",)
+
+
+def _is_derived(key: str) -> bool:
+    return key.rsplit(".", 1)[-1] in DERIVED_BUFFERS
+
+
 def kind_of(model: nn.Module) -> str | None:
     return next((k for k, (cls, _) in KINDS.items() if type(model) is cls), None)
 
@@ -141,7 +151,8 @@ def save_model(path: str | Path, model: VQVAE | VAR, extra: dict | None = None) 
     if kind is None:
         raise TypeError(f"save_model takes a registered model kind ({', '.join(KINDS)}), got {type(model).__name__}")
     # clone: safetensors refuses tensors sharing storage, and views must not drag their whole storage along
-    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()
+               if not _is_derived(k)}
     meta = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION), "kind": kind,
             "config": json.dumps(dataclasses.asdict(model.config)), "extra": json.dumps(extra or {})}
     return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
@@ -191,6 +202,8 @@ def load_model(path: str | Path, kind: str | None = None, device: str | torch.de
     model = model_cls(config) if model_cls is VQVAE else model_cls(config, init=False)
     with safe_open(str(path), framework="pt", device="cpu") as fh:
         state_dict = {k: fh.get_tensor(k) for k in fh.keys()}
+    # the model just built from the stored config holds the derived buffers the file left out
+    state_dict.update({k: v for k, v in model.state_dict().items() if _is_derived(k) and k not in state_dict})
     load_state_dict_checked(model, state_dict, str(path))
     return model.to(device).eval()
 
