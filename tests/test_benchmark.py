@@ -145,6 +145,7 @@ def test_reference_contender_shadows_or_pairs_the_decoder():
     assert ref.vae_proxy[0].decoded == 4 and len(full.decoder_times) == 2  # its call + its decoder alone
 
 
+@pytest.mark.slow  # 16 s of sampling and proxy scoring
 def test_benchmark_proxy_quality_column(tmp_path):
     from pathlib import Path
 

@@ -74,7 +74,7 @@ def assert_one_error_line(proc: subprocess.CompletedProcess, expected: str) -> N
     assert expected in lines[0], f"{where}: {lines[0]!r} does not name {expected!r}"
 
 
-@pytest.mark.parametrize("group", ["missing_file", "abbreviated", "bad_input"])
+@pytest.mark.parametrize("group", ["missing_file", pytest.param("abbreviated", marks=pytest.mark.slow), "bad_input"])
 def test_user_errors_are_one_line_with_status_2(group):
     cases = {"missing_file": MISSING_FILE, "abbreviated": ABBREVIATED, "bad_input": BAD_INPUT}[group]
     for (_, expected), proc in zip(cases, run_all(cases)):

@@ -103,8 +103,9 @@ def test_default_sampler_law(models, rng, one_thread):
     assert_law(empirical(run_sampler("default", var=var, vae=vae, rng=rng)), law, f"default ({rng})")
 
 
-# random drafts (the garbage-draft baseline) run with `pytest -m slow`, to keep the default suite short
-@pytest.mark.parametrize("draft", ["jacobi", pytest.param("random", marks=pytest.mark.slow), "var", "dd"])
+# Jacobi drafts in the default run; the other sources (random: the garbage-draft baseline) with `pytest -m slow`,
+# to keep the default suite short (tests/test_sjd.py checks every source's exactness on enumerable toys there)
+@pytest.mark.parametrize("draft", ["jacobi"] + [pytest.param(d, marks=pytest.mark.slow) for d in ("random", "var", "dd")])
 def test_block_sjd_law_for_every_draft_source(models, draft, one_thread):
     var, vae, other, student = models
     kw = dict(var=var, vae=vae, window_scales=2, max_spec_tokens=16, draft=draft)
@@ -117,6 +118,7 @@ def test_block_sjd_law_for_every_draft_source(models, draft, one_thread):
     assert_law(counts, law, f"sjd draft={draft}")
 
 
+@pytest.mark.slow  # 15 s; tests/test_code.py covers CoDe's exactness in the default run
 def test_code_law_is_drafter_then_refiner(models, one_thread):
     var, vae, other, _ = models
     p0, _ = scale_laws(var, vae, None)
@@ -125,6 +127,7 @@ def test_code_law_is_drafter_then_refiner(models, one_thread):
     assert_law(counts, joint(p0, p1), "code N=1")
 
 
+@pytest.mark.slow  # 13 s
 def test_edit_law_forces_known_tokens_and_samples_the_rest(models, one_thread):
     var, vae, _, _ = models
     side = vae.config.image_size

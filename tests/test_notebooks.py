@@ -13,7 +13,9 @@ def test_there_are_four_notebooks():
     assert [p.name[:2] for p in NOTEBOOKS] == ["01", "02", "03", "04"]
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+# the sampling notebook in the default run, the others with -m slow (each starts a kernel: ~4 s)
+@pytest.mark.parametrize("path", [p if p.name.startswith("01") else pytest.param(p, marks=pytest.mark.slow)
+                                  for p in NOTEBOOKS], ids=lambda p: getattr(p, "stem", None))
 def test_notebook_is_stripped_and_runs(path):
     from nbclient import NotebookClient
 

@@ -14,7 +14,9 @@ import numpy as np
 import pytest
 import torch
 
+from sample import main as sample_main
 from samplers.seeding import image_seed
+from training.errors import run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = REPO / "checkpoints" / "fmnist"
@@ -54,6 +56,7 @@ def test_image_seeds_fit_every_generator_and_never_share_a_cpu_stream_within_a_r
     assert torch.equal(draws[0], draws[2]) and not torch.equal(draws[0], draws[1])
 
 
+@pytest.mark.slow  # 4 runs of sample.py
 def test_base_seed_changes_every_image_and_repeats_bitwise(tmp_path):
     args = ("--classes", "0,7", "--per-class", "2", "--batch-size", "4")
     sample(tmp_path / "s0", *args, "--seed", "0")
@@ -105,6 +108,7 @@ def _invariance(tmp_path: Path, per_class: int, batch_sizes: tuple[int, ...]) ->
     return report
 
 
+@pytest.mark.slow  # 3 runs of sample.py
 def test_batch_size_changes_no_png_by_decoding_noise(tmp_path):
     _invariance(tmp_path, per_class=3, batch_sizes=(1, 7, 16))
 
@@ -114,6 +118,7 @@ def test_batch_size_changes_no_png_by_decoding_noise_over_210_images(tmp_path):
     print("PNGs that differ by a token flip:", _invariance(tmp_path, per_class=21, batch_sizes=(1, 7, 16)))
 
 
+@pytest.mark.slow  # 2 runs, one through accelerate launch
 def test_two_processes_through_accelerate_give_the_same_images(tmp_path):
     args = ["--classes", "1,2,3", "--per-class", "2", "--batch-size", "2", "--num-threads", "1", "--grid-max", "0"]
     sample(tmp_path / "one", *args)
@@ -202,10 +207,18 @@ def test_model_file_content_is_part_of_the_fingerprint(tmp_path):
     (("--var-override", "heads=16"), "--var-override heads: not a VAR config field"),
     (("--eval-card",), "--eval-card needs"),
 ])
-def test_bad_arguments_fail_with_one_line_before_writing(tmp_path, extra, expected):
+def test_bad_arguments_fail_with_one_line_before_writing(tmp_path, capsys, monkeypatch, extra, expected):
+    # in this process (an interpreter start per case would cost 3 s); that the process prints exactly this line
+    # with status 2 is tests/test_cli_errors.py's check
+    monkeypatch.chdir(REPO)
     out = tmp_path / "never"
-    line = error_line(sample(out, *extra, check=False))
-    assert expected in line, line
+    try:
+        status = run_cli(sample_main, ["--out", str(out), "--grid-max", "0", *extra])
+    except SystemExit as err:  # argparse's own errors
+        status = err.code
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and len(lines) == 1 and lines[0].startswith("error: "), lines
+    assert expected in lines[0], lines[0]
     assert not out.exists(), "a refused command must not create its output folder"
 
 
@@ -215,6 +228,7 @@ def test_list_samplers():
     assert proc.returncode == 0 and "default" in proc.stdout and "code" in proc.stdout
 
 
+@pytest.mark.slow  # a run of sample.py on an official-format file
 def test_var_override_reaches_the_official_loader(tmp_path):
     """A bare state dict without attn_l2_norm records no head count (the loader refuses to guess): with
     --var-override num_heads=4 it samples exactly the images of the same weights in our format."""
