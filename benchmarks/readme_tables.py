@@ -43,12 +43,11 @@ def model_card_markdown(card: dict, folder: Path = SHIPPED_V1) -> str:
              "proxy accuracy | proxy FD |", "|---|---|---|---|---|---|---|"]
     for name, info in card["var"].items():
         q = proxy_quality(name, folder) or info.get("sample_quality") or {}
-        acc = q.get("classifier_accuracy")
-        fd = q.get("proxy_fd")
+        acc = with_interval(q.get("classifier_accuracy"), q.get("classifier_accuracy_ci"), lambda v: f"{100 * v:.1f}%")
+        fd = with_interval(q.get("proxy_fd"), q.get("proxy_fd_ci"), lambda v: f"{v:.2f}")
         lines.append(f"| {name} | {info['num_params'] / 1e6:.2f} M | {info['config']['depth']} / "
                      f"{info['config']['embed_dim']} | {per_scale(info['token_accuracy_per_scale'])} | "
-                     f"{info['token_accuracy_all']:.3f} | {'—' if acc is None else f'{100 * acc:.1f}%'} | "
-                     f"{'—' if fd is None else f'{fd:.2f}'} |")
+                     f"{info['token_accuracy_all']:.3f} | {acc} | {fd} |")
     cards = {name: proxy_quality(name, folder) for name in card["var"]}
     where = folder.relative_to(REPO)
     real = card.get("proxy_reference", {}).get("note", REAL_PROXY_FD)
@@ -62,6 +61,13 @@ def model_card_markdown(card: dict, folder: Path = SHIPPED_V1) -> str:
     return "\n".join(lines) + "\n"
 
 
+def with_interval(value: float | None, ci: dict | None, fmt) -> str:
+    """'value [low, high]', 'value' without an interval, '—' without a value."""
+    if value is None:
+        return "—"
+    return fmt(value) + (f" [{fmt(ci['low'])}, {fmt(ci['high'])}]" if ci else "")
+
+
 REAL_PROXY_FD = "0.70; the classifier's own test accuracy is 91.2%"
 
 
@@ -72,7 +78,9 @@ def proxy_quality(name: str, folder: Path = SHIPPED_V1) -> dict | None:
         return None
     card = json.loads(path.read_text())
     m, settings = card["evaluation"]["proxy"]["metrics"], card["sampling"]["settings"]
+    ci = card["evaluation"]["proxy"].get("intervals", {})  # 95 %: bootstrap (FD), Wilson (accuracy)
     return {"classifier_accuracy": m["proxy_accuracy"], "proxy_fd": m["proxy_fd"], "num_samples": card["num_samples"],
+            "classifier_accuracy_ci": ci.get("proxy_accuracy"), "proxy_fd_ci": ci.get("proxy_fd"),
             "per_class": settings["per_class"], "cfg": settings["cfg"], "top_k": settings["top_k"],
             "seed": settings["seed"]}
 
