@@ -7,6 +7,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from eval.real_reference import blurred, class_balanced
 from eval.proxy import ClassifierConfig, ProxyClassifier, load_classifier, save_classifier
 
 SHIPPED = Path(__file__).resolve().parents[1] / "eval" / "weights" / "fmnist_classifier.safetensors"
@@ -85,3 +86,19 @@ def test_classifier_layout_fields_round_trip(tmp_path):
     assert ClassifierConfig().real_image_size == 32 and ClassifierConfig().pad_small
     with pytest.raises(ValueError, match="data_size"):
         ClassifierConfig(data_size=16)
+
+
+def test_real_reference_helpers():
+    labels = np.array([2, 0, 1, 0, 2, 1, 1, 0, 2])
+    assert class_balanced(labels, 6).tolist() == [1, 3, 2, 5, 0, 4]  # the first 2 of each class, class order
+    with pytest.raises(ValueError, match="multiple of the 3 classes"):
+        class_balanced(labels, 4)
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (2, 8, 8, 3), dtype=np.uint8)
+    assert np.array_equal(blurred(images, 1), images)
+    flat = np.full((1, 8, 8, 3), 77, np.uint8)
+    assert np.array_equal(blurred(flat, 2), flat)  # a constant image has no detail to lose
+    checker = ((np.indices((8, 8)).sum(0) % 2) * 200).astype(np.uint8)[None, :, :, None].repeat(3, -1)
+    assert np.array_equal(blurred(checker, 2), np.full_like(checker, 100))  # period-2 detail averages out
+    # the image mean survives: box averages, then interpolation between them
+    assert abs(float(blurred(images, 4).mean()) - float(images.mean())) < 2.0

@@ -1,0 +1,89 @@
+"""What real images score with a proxy classifier: the yardstick for the proxy numbers of generated samples.
+
+    python -m eval.real_reference --proxy-classifier eval/weights/fmnist64_classifier.safetensors \
+        --out checkpoints/fmnist64/proxy_reference.json
+
+Scores, against the real test set (the reference every eval card uses), N class-balanced real training images
+as they are, and the same images blurred by a factor f (downsampled f x with box averaging, upsampled back with
+bilinear interpolation): the proxy FD of a perfect generator (N real images; not 0, because N is finite) and of
+one that loses detail. Same metrics and 95 % intervals as `sample.py --eval-card`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from eval.data import ArraySource, fashion_mnist_uint8
+from eval.harness import evaluate, fashion_mnist_reference
+from eval.proxy import load_classifier
+from training.atomic import atomic_write_json
+from training.errors import make_parser, run_cli
+
+
+def class_balanced(labels_N: np.ndarray, count: int) -> np.ndarray:
+    """Indices of the first count / K images of every class, in class order (count must divide evenly)."""
+    classes = np.unique(labels_N)
+    if count % len(classes):
+        raise ValueError(f"--count {count} is not a multiple of the {len(classes)} classes")
+    return np.concatenate([np.flatnonzero(labels_N == c)[: count // len(classes)] for c in classes])
+
+
+def blurred(images_NHWC: np.ndarray, factor: int) -> np.ndarray:
+    """Detail removed at `factor`: box-average down, bilinear up, back to uint8."""
+    if factor <= 1:
+        return images_NHWC
+    x_NCHW = torch.from_numpy(images_NHWC).permute(0, 3, 1, 2).float()
+    small = F.avg_pool2d(x_NCHW, factor)
+    up = F.interpolate(small, size=x_NCHW.shape[-2:], mode="bilinear", align_corners=False)
+    return up.round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
+
+
+def score(net, reference, images_NHWC: np.ndarray, labels_N: np.ndarray, name: str, bootstrap: int, seed: int) -> dict:
+    source = ArraySource(images_NHWC, name, labels_N)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # rank deficiency is expected and stated for small counts
+        report = evaluate(net, source, reference, prefix="proxy_", labels=labels_N, compute_is=False,
+                          kid_subset_size=min(1000, len(images_NHWC)), bootstrap=bootstrap, ci_seed=seed)
+    metrics = {k: report["metrics"][k] for k in ("proxy_fd", "proxy_accuracy", "proxy_precision", "proxy_recall")}
+    intervals = {k: [v["low"], v["high"]] for k, v in report.get("intervals", {}).items() if k in metrics}
+    return {"images": len(images_NHWC), **metrics, "intervals": intervals}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = make_parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--proxy-classifier", required=True)
+    p.add_argument("--data-root", default="/usr/share/datasets/fashion-mnist")
+    p.add_argument("--count", type=int, default=1000, help="real training images (class-balanced), as eval cards")
+    p.add_argument("--blur", default="2,4", help="comma-separated blur factors")
+    p.add_argument("--bootstrap", type=int, default=200)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True)
+    args = p.parse_args(argv)
+    factors = [int(f) for f in args.blur.split(",") if f.strip()]
+    net = load_classifier(args.proxy_classifier)
+    cfg = net.config
+    size, pad_small = cfg.real_image_size, cfg.pad_small
+    images, labels, _ = fashion_mnist_uint8(args.data_root, "train", size, pad_small=pad_small)
+    keep = class_balanced(labels, args.count)
+    images, labels = images[keep], labels[keep]
+    if any(size % f for f in factors):
+        raise ValueError(f"--blur factors {factors} must divide the image size {size}")
+    reference = fashion_mnist_reference(args.data_root, net)
+    rows = {"real": score(net, reference, images, labels, "real training images", args.bootstrap, args.seed)}
+    for f in factors:
+        rows[f"blur{f}"] = score(net, reference, blurred(images, f), labels, f"blurred {f}x", args.bootstrap, args.seed)
+    result = {"proxy_classifier": args.proxy_classifier, "image_size": size, "pad_small": pad_small,
+              "reference": "Fashion-MNIST test set", "count": args.count, "rows": rows}
+    atomic_write_json(args.out, result)
+    print(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
