@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from benchmarks import benchmark
-from benchmarks.results_io import generated_block, replace_block, write_result
+from benchmarks.results_io import generated_block, quality_cells, replace_block, write_result
 from training.errors import make_parser, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,17 +67,8 @@ def _speed(run: dict, spec: str, batch: int) -> str:
     return text + (" noisy" if row.get("noisy") else "")
 
 
-def _quality(run: dict, spec: str) -> tuple[str, str, str]:
-    row = next((r for r in run["rows"] if r["sampler"] == spec and "proxy_fd" in r), None)
-    if row is None:
-        return "—", "—", "—"
-    fd = f"{row['proxy_fd']:.1f} [{row['proxy_fd_ci'][0]:.1f}, {row['proxy_fd_ci'][1]:.1f}]"
-    acc = f"{100 * row['proxy_accuracy']:.1f}% [{100 * row['proxy_accuracy_ci'][0]:.1f}, {100 * row['proxy_accuracy_ci'][1]:.1f}]"
-    a = row.get("quality_token_agreement", row.get("token_agreement_vs_baseline"))
-    agree = "—" if a is None else f"{a:.3f}"
-    if row.get("quality_token_agreement_ci"):
-        agree += " [{:.3f}, {:.3f}]".format(*row["quality_token_agreement_ci"])
-    return fd, acc, agree
+def _quality(run: dict, spec: str) -> list[str]:
+    return quality_cells(next((r for r in run["rows"] if r["sampler"] == spec and "proxy_fd" in r), None))
 
 
 def markdown(result: dict) -> str:

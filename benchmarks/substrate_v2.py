@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from benchmarks import benchmark
-from benchmarks.results_io import generated_block, replace_block, write_result
+from benchmarks.results_io import generated_block, quality_cells, replace_block, write_result
 from training.errors import make_parser, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -112,25 +112,12 @@ def kv_cell(run: dict, spec: str, batch: int) -> str:
     return "—" if row is None or "kv_bytes_ratio_vs_baseline" not in row else f"{100 * row['kv_bytes_ratio_vs_baseline']:.0f} %"
 
 
-def quality_cells(run: dict, spec: str) -> list[str]:
-    row = _row(run, spec)
-    if row is None:
-        return ["—", "—", "—"]
-    fd = f"{row['proxy_fd']:.1f} [{row['proxy_fd_ci'][0]:.1f}, {row['proxy_fd_ci'][1]:.1f}]"
-    acc = "{:.1f}% [{:.1f}, {:.1f}]".format(100 * row["proxy_accuracy"], *(100 * v for v in row["proxy_accuracy_ci"]))
-    agree = row.get("quality_token_agreement")
-    agree_text = "—" if agree is None else f"{agree:.3f}"
-    if row.get("quality_token_agreement_ci"):
-        agree_text += " [{:.3f}, {:.3f}]".format(*row["quality_token_agreement_ci"])
-    return [fd, acc, agree_text]
-
-
 def markdown(result: dict) -> str:
     m, full, fast = result["meta"], result["runs"]["full"], result["runs"]["no_decode"]
     batches = sorted({r["batch"] for r in full["rows"]})
     head = (["setting (paper)", "paper's figure", "ours: sampler"] + [f"b{b} full" for b in batches] +
             [f"b{b} no decode" for b in batches] + [f"KV b{batches[-1]}", "proxy FD", "proxy accuracy",
-                                                      "token agreement vs default", "target"])
+                                                      "proxy recall", "token agreement vs default", "target"])
     lines = [f"Measured {m['date']} on {full['meta']['device']} ({full['meta']['torch_threads']} torch threads, load "
              f"average {full['meta']['load_average_start']:.2f} at start); models {m['models']}; speed = ratio to "
              f"`default` in the same rounds ± half the IQR ({m['repeats']} rounds; `noisy`: IQR > 10 % of the median); "
@@ -142,7 +129,7 @@ def markdown(result: dict) -> str:
         shown = s.replace(f"{SUB}/", "")
         cells = ([case["setting"], case["paper"], f"`{shown}`"] + [speed_cell(full, s, b) for b in batches] +
                  [speed_cell(fast, s, b) for b in batches] + [kv_cell(full, s, batches[-1])] +
-                 quality_cells(full, s) + [case["target"] or "—"])
+                 quality_cells(_row(full, s), recall=True) + [case["target"] or "—"])
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

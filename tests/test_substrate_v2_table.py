@@ -32,7 +32,7 @@ def _row(spec, batch, speed, iqr_frac=0.04, **extra):
 def test_table_cells_come_from_their_rows():
     spec = "code:draft_scales=8"
     quality = dict(proxy_fd=100.0, proxy_fd_ci=[90.0, 110.0], proxy_accuracy=0.9, proxy_accuracy_ci=[0.88, 0.92],
-                   quality_token_agreement=0.5, quality_token_agreement_ci=[0.49, 0.51])
+                   proxy_recall=0.25, proxy_recall_ci=[0.2, 0.3], quality_token_agreement=0.5, quality_token_agreement_ci=[0.49, 0.51])
     full = {"meta": {"device": "cpu", "torch_threads": 1, "load_average_start": 1.0},
             "rows": [_row("default", 1, 1.0), _row("default", 16, 1.0, kv_bytes_ratio_vs_baseline=1.0),
                      _row(spec, 1, 1.8), _row(spec, 16, 2.4, iqr_frac=0.2, noisy=True, kv_bytes_ratio_vs_baseline=0.3,
@@ -47,4 +47,5 @@ def test_table_cells_come_from_their_rows():
     assert cells[:3] == ["CoDe N = 8", "1.7x", f"`{spec}`"]
     assert cells[3] == "1.80x ± 0.04" and cells[4] == "2.40x ± 0.24 noisy"
     assert cells[5] == "2.00x ± 0.04" and cells[6] == "3.00x ± 0.06" and cells[7] == "30 %"
-    assert cells[8:] == ["100.0 [90.0, 110.0]", "90.0% [88.0, 92.0]", "0.500 [0.490, 0.510]", ">= 2x"]
+    assert cells[8:] == ["100.0 [90.0, 110.0]", "90.0% [88.0, 92.0]", "0.250 [0.200, 0.300]", "0.500 [0.490, 0.510]",
+                         ">= 2x"]
