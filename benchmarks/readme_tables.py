@@ -32,7 +32,9 @@ def model_card_markdown(card: dict, folder: Path = SHIPPED_V1) -> str:
     columns come from the eval cards beside it (`sample.py --eval-card`)."""
     tok, ds = card["tokenizer"], card["dataset"]
     per_scale = lambda values: " / ".join(f"{v:.3g}" for v in values)  # noqa: E731
-    lines = [f"{ds['name']} {ds['split']} set, {ds['images']} images, scales {tok['patch_nums']}.", "",
+    var_images = ds.get("var_images", ds["images"])
+    subset = f" (token accuracy on the first {var_images})" if var_images != ds["images"] else ""
+    lines = [f"{ds['name']} {ds['split']} set, {ds['images']} images{subset}, scales {tok['patch_nums']}.", "",
              "| tokenizer | value |", "|---|---|",
              f"| reconstruction PSNR | {tok['psnr_db']:.2f} dB |",
              f"| codebook usage per scale (of {tok['vocab_size']}) | {per_scale(tok['codebook_usage_per_scale'])} |",

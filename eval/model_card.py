@@ -143,6 +143,9 @@ def main(argv: list[str] | None = None) -> dict:
                         help="the tokenizer's data layout: 28x28 centre-padded (the 32 px models) or, with "
                              "--no-pad-small, upsampled with Lanczos (the 64 px v2 models, data.pad_small = false)")
     parser.add_argument("--limit", type=int, default=0, help="evaluate the first N images only (0: all)")
+    parser.add_argument("--var-limit", type=int, default=0,
+                        help="teacher-forced VAR metrics on the first N of those images only (0: all of them); a "
+                             "forward pass over L tokens per image costs far more than the tokenizer's")
     parser.add_argument("--samples", default="", help="PNG class grid from the first --var model")
     parser.add_argument("--samples-extra", default="", help="folder for one grid per other --var model")
     parser.add_argument("--per-class", type=int, default=8)
@@ -152,6 +155,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
+    if args.var_limit < 0:
+        raise ValueError(f"--var-limit must be >= 0, got {args.var_limit}")
     if args.threads:
         torch.set_num_threads(args.threads)
     vae = load_model(args.tokenizer, "vqvae").eval()
@@ -166,9 +171,12 @@ def main(argv: list[str] | None = None) -> dict:
             "sha256": {"tokenizer": file_sha256(args.tokenizer)},
             "environment": {"torch": torch.__version__, "python": platform.python_version(),
                             "threads": torch.get_num_threads()}}
+    var_images = min(args.var_limit or len(tokens), len(tokens))
+    card["dataset"]["var_images"] = var_images
     for i, (name, path) in enumerate(named_paths(args.var, "var").items()):
         var = load_model(path, "var").eval()
-        entry = {"file": path, "bytes": Path(path).stat().st_size, **var_metrics(var, vae, tokens, labels)}
+        entry = {"file": path, "bytes": Path(path).stat().st_size,
+                 **var_metrics(var, vae, tokens[:var_images], labels[:var_images])}
         card["sha256"][name] = file_sha256(path)
         png = args.samples if i == 0 else (str(Path(args.samples_extra) / f"samples_{name}.png") if args.samples_extra else "")
         if png:
