@@ -7,6 +7,10 @@ Scores, against the real test set (the reference every eval card uses), N class-
 as they are, and the same images blurred by a factor f (downsampled f x with box averaging, upsampled back with
 bilinear interpolation): the proxy FD of a perfect generator (N real images; not 0, because N is finite) and of
 one that loses detail. Same metrics and 95 % intervals as `sample.py --eval-card`.
+
+`--padded-samples NAME=samples.npz` also scores samples made in the 32 px layout (28 x 28 centred on a padded
+canvas; `sample.py` writes samples.npz) after moving them to the classifier's layout: the 28 x 28 content cropped,
+then upsampled as the real images are. This puts the 32 px models on the same yardstick as the 64 px ones.
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ import torch.nn.functional as F
 from eval.data import ArraySource, fashion_mnist_uint8
 from eval.harness import evaluate, fashion_mnist_reference
 from eval.proxy import load_classifier
+from training.transforms import VARTransform
 from training.atomic import atomic_write_json
 from training.errors import make_parser, run_cli
 
@@ -44,6 +49,23 @@ def blurred(images_NHWC: np.ndarray, factor: int) -> np.ndarray:
     return up.round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
 
 
+def from_padded_layout(images_NHWC: np.ndarray, content: int, size: int) -> np.ndarray:
+    """Samples of the padded layout (content x content centred) in the upsampled layout of `size` px."""
+    h, w = images_NHWC.shape[1:3]
+    if h < content or w < content:
+        raise ValueError(f"samples of {h}x{w} px cannot hold the {content}x{content} content of the padded layout")
+    top, left = (h - content) // 2, (w - content) // 2
+    resize = VARTransform(size, pad_small=False).resize
+    return np.stack([resize(img[top:top + content, left:left + content]) for img in images_NHWC])
+
+
+def load_npz_samples(path: str) -> tuple[np.ndarray, np.ndarray]:
+    with np.load(path, allow_pickle=False) as npz:
+        if "arr_0" not in npz or "arr_1" not in npz:
+            raise ValueError(f"{path} needs arr_0 (uint8 NHWC images) and arr_1 (labels), as sample.py writes")
+        return npz["arr_0"], npz["arr_1"]
+
+
 def score(net, reference, images_NHWC: np.ndarray, labels_N: np.ndarray, name: str, bootstrap: int, seed: int) -> dict:
     source = ArraySource(images_NHWC, name, labels_N)
     with warnings.catch_warnings():
@@ -61,6 +83,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--data-root", default="/usr/share/datasets/fashion-mnist")
     p.add_argument("--count", type=int, default=1000, help="real training images (class-balanced), as eval cards")
     p.add_argument("--blur", default="2,4", help="comma-separated blur factors")
+    p.add_argument("--padded-samples", action="append", default=[], metavar="NAME=NPZ",
+                   help="samples of the 32 px padded layout to score in the classifier's layout")
     p.add_argument("--bootstrap", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True)
@@ -78,6 +102,13 @@ def main(argv: list[str] | None = None) -> dict:
     rows = {"real": score(net, reference, images, labels, "real training images", args.bootstrap, args.seed)}
     for f in factors:
         rows[f"blur{f}"] = score(net, reference, blurred(images, f), labels, f"blurred {f}x", args.bootstrap, args.seed)
+    for item in args.padded_samples:
+        name, _, path = item.partition("=")
+        if not path:
+            raise ValueError(f"--padded-samples expects NAME=PATH.npz, got {item!r}")
+        samples, sample_labels = load_npz_samples(path)
+        moved = from_padded_layout(samples, content=28, size=size)
+        rows[name] = {**score(net, reference, moved, sample_labels, name, args.bootstrap, args.seed), "samples": path}
     result = {"proxy_classifier": args.proxy_classifier, "image_size": size, "pad_small": pad_small,
               "reference": "Fashion-MNIST test set", "count": args.count, "rows": rows}
     atomic_write_json(args.out, result)

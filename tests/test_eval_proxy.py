@@ -7,7 +7,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from eval.real_reference import blurred, class_balanced
+from eval.data import fashion_mnist_uint8
+from eval.real_reference import blurred, class_balanced, from_padded_layout
 from eval.proxy import ClassifierConfig, ProxyClassifier, load_classifier, save_classifier
 
 SHIPPED = Path(__file__).resolve().parents[1] / "eval" / "weights" / "fmnist_classifier.safetensors"
@@ -102,3 +103,14 @@ def test_real_reference_helpers():
     assert np.array_equal(blurred(checker, 2), np.full_like(checker, 100))  # period-2 detail averages out
     # the image mean survives: box averages, then interpolation between them
     assert abs(float(blurred(images, 4).mean()) - float(images.mean())) < 2.0
+
+
+def test_padded_samples_move_to_the_upsampled_layout_bitwise(fashion_mnist_root):
+    """A real image in the 32 px layout, moved, is the same image in the 64 px layout: 32 px samples are scored
+    by the 64 px classifier exactly as the 64 px models' samples are."""
+    padded, labels, _ = fashion_mnist_uint8(fashion_mnist_root, "test", 32, pad_small=True)
+    upsampled, labels64, _ = fashion_mnist_uint8(fashion_mnist_root, "test", 64, pad_small=False)
+    assert np.array_equal(from_padded_layout(padded[:16], content=28, size=64), upsampled[:16])
+    assert np.array_equal(labels[:16], labels64[:16])
+    with pytest.raises(ValueError, match="cannot hold"):
+        from_padded_layout(padded[:1, :20, :20], content=28, size=64)
