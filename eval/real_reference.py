@@ -8,6 +8,9 @@ as they are, and the same images blurred by a factor f (downsampled f x with box
 bilinear interpolation): the proxy FD of a perfect generator (N real images; not 0, because N is finite) and of
 one that loses detail. Same metrics and 95 % intervals as `sample.py --eval-card`.
 
+`--tokenizer PATH` also scores the tokenizer's reconstructions of those images (decoded from their tokens):
+the best a VAR on that tokenizer can reach, whatever its size and training.
+
 `--padded-samples NAME=samples.npz` also scores samples made in the 32 px layout (28 x 28 centred on a padded
 canvas; `sample.py` writes samples.npz) after moving them to the classifier's layout: the 28 x 28 content cropped,
 then upsampled as the real images are. This puts the 32 px models on the same yardstick as the 64 px ones.
@@ -28,6 +31,7 @@ from eval.harness import evaluate, fashion_mnist_reference
 from eval.proxy import load_classifier
 from training.transforms import VARTransform
 from training.atomic import atomic_write_json
+from training.checkpoint import load_model
 from training.errors import make_parser, run_cli
 
 
@@ -59,6 +63,23 @@ def from_padded_layout(images_NHWC: np.ndarray, content: int, size: int) -> np.n
     return np.stack([resize(img[top:top + content, left:left + content]) for img in images_NHWC])
 
 
+@torch.no_grad()
+def reconstructed(images_NHWC: np.ndarray, tokenizer_path: str, batch_size: int = 100) -> np.ndarray:
+    """The images decoded from their own tokens (uint8 in, uint8 out; the tokenizer works in [-1, 1])."""
+    vae = load_model(tokenizer_path, "vqvae").eval()
+    size = vae.config.image_size
+    if images_NHWC.shape[1:3] != (size, size):
+        raise ValueError(f"the tokenizer {tokenizer_path} takes {size} px images, the classifier's layout is "
+                         f"{images_NHWC.shape[1]} px; pass the tokenizer of the models this classifier scores")
+    out = []
+    for start in range(0, len(images_NHWC), batch_size):
+        x_B3HW = torch.from_numpy(images_NHWC[start:start + batch_size]).permute(0, 3, 1, 2).float() / 127.5 - 1
+        recon_01 = vae.tokens_to_img(vae.img_to_tokens(x_B3HW)).add(1).div(2)
+        # uint8 as the samplers write their images
+        out.append(recon_01.mul(255).add(0.5).clamp(0, 255).byte().permute(0, 2, 3, 1).numpy())
+    return np.concatenate(out)
+
+
 def load_npz_samples(path: str) -> tuple[np.ndarray, np.ndarray]:
     with np.load(path, allow_pickle=False) as npz:
         if "arr_0" not in npz or "arr_1" not in npz:
@@ -83,6 +104,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--data-root", default="/usr/share/datasets/fashion-mnist")
     p.add_argument("--count", type=int, default=1000, help="real training images (class-balanced), as eval cards")
     p.add_argument("--blur", default="2,4", help="comma-separated blur factors")
+    p.add_argument("--tokenizer", default="", help="also score this tokenizer's reconstructions of the real images")
     p.add_argument("--padded-samples", action="append", default=[], metavar="NAME=NPZ",
                    help="samples of the 32 px padded layout to score in the classifier's layout")
     p.add_argument("--bootstrap", type=int, default=200)
@@ -102,6 +124,10 @@ def main(argv: list[str] | None = None) -> dict:
     rows = {"real": score(net, reference, images, labels, "real training images", args.bootstrap, args.seed)}
     for f in factors:
         rows[f"blur{f}"] = score(net, reference, blurred(images, f), labels, f"blurred {f}x", args.bootstrap, args.seed)
+    if args.tokenizer:
+        rows["reconstructed"] = {**score(net, reference, reconstructed(images, args.tokenizer), labels,
+                                         "tokenizer reconstructions", args.bootstrap, args.seed),
+                                 "tokenizer": args.tokenizer}
     for item in args.padded_samples:
         name, _, path = item.partition("=")
         if not path:

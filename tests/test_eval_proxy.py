@@ -8,7 +8,9 @@ import torch
 from safetensors.torch import save_file
 
 from eval.data import fashion_mnist_uint8
-from eval.real_reference import blurred, class_balanced, from_padded_layout
+from eval.real_reference import blurred, class_balanced, from_padded_layout, reconstructed
+from tests.conftest import make_tiny_pair
+from training.checkpoint import save_model
 from eval.proxy import ClassifierConfig, ProxyClassifier, load_classifier, save_classifier
 
 SHIPPED = Path(__file__).resolve().parents[1] / "eval" / "weights" / "fmnist_classifier.safetensors"
@@ -114,3 +116,18 @@ def test_padded_samples_move_to_the_upsampled_layout_bitwise(fashion_mnist_root)
     assert np.array_equal(labels[:16], labels64[:16])
     with pytest.raises(ValueError, match="cannot hold"):
         from_padded_layout(padded[:1, :20, :20], content=28, size=64)
+
+
+def test_reconstructions_are_the_decoded_tokens(tmp_path):
+    _, vae = make_tiny_pair()
+    path = save_model(tmp_path / "vae.safetensors", vae)
+    size = vae.config.image_size
+    images = np.random.default_rng(0).integers(0, 256, (3, size, size, 3), dtype=np.uint8)
+    out = reconstructed(images, str(path), batch_size=2)
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+    with torch.no_grad():
+        want = vae.tokens_to_img(vae.img_to_tokens(x)).add(1).div(2)
+    assert out.dtype == np.uint8 and out.shape == images.shape
+    assert np.abs(out.astype(float) / 255 - want.permute(0, 2, 3, 1).clamp(0, 1).numpy()).max() <= 0.5 / 255 + 1e-6
+    with pytest.raises(ValueError, match="takes"):
+        reconstructed(images[:, :size // 2, :size // 2], str(path))
