@@ -52,7 +52,7 @@ def model_card_markdown(card: dict, folder: Path = SHIPPED_V1) -> str:
                      f"{info['token_accuracy_all']:.3f} | {acc} | {fd} |")
     cards = {name: proxy_quality(name, folder) for name in card["var"]}
     where = folder.relative_to(REPO)
-    real = card.get("proxy_reference", {}).get("note", REAL_PROXY_FD)
+    real = real_reference_note(folder / "proxy_reference.json") or REAL_PROXY_FD
     if any(cards.values()):
         c = next(c for c in cards.values() if c)
         lines += ["", f"Proxy columns: {c['num_samples']} samples ({c['per_class']} per class, default sampler, cfg "
@@ -68,6 +68,22 @@ def with_interval(value: float | None, ci: dict | None, fmt) -> str:
     if value is None:
         return "—"
     return fmt(value) + (f" [{fmt(ci['low'])}, {fmt(ci['high'])}]" if ci else "")
+
+
+def real_reference_note(path: Path) -> str:
+    """The yardstick rows of `python -m eval.real_reference` in words ('' without the file)."""
+    if not path.is_file():
+        return ""
+    ref = json.loads(path.read_text())
+    rows = ref["rows"]
+    parts = [f"{rows['real']['proxy_fd']:.2f} at {100 * rows['real']['proxy_accuracy']:.1f}% accuracy "
+             f"({rows['real']['images']} images)"]
+    parts += [f"blurred {k[4:]}x {v['proxy_fd']:.1f}" for k, v in rows.items() if k.startswith("blur")]
+    if "reconstructed" in rows:
+        parts.append(f"their tokenizer reconstructions {rows['reconstructed']['proxy_fd']:.1f}")
+    parts += [f"{k.replace('_', ' ')} samples moved to this layout {v['proxy_fd']:.1f} at "
+              f"{100 * v['proxy_accuracy']:.1f}%" for k, v in rows.items() if "samples" in v]
+    return ", ".join(parts) + f"; from `{path.relative_to(REPO)}`, `python -m eval.real_reference`"
 
 
 REAL_PROXY_FD = "0.70; the classifier's own test accuracy is 91.2%"

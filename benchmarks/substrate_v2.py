@@ -70,7 +70,8 @@ def bench_argv(args, decode: bool) -> list[str]:
             "--model", f"refiner={SUB}/code_refiner.safetensors", "--model", f"draft_model={SUB}/var_refiner.safetensors",
             "--model", f"student={SUB}/dd_student.safetensors", "--batch-sizes", args.batch_sizes,
             "--repeats", str(args.repeats), "--warmup", "1", "--num-threads", str(args.num_threads),
-            "--seed", str(args.seed), "--out", "unused"]
+            "--seed", str(args.seed), "--cfg", str(args.cfg), "--top-k", str(args.top_k), "--top-p", str(args.top_p),
+            "--out", "unused"]
     for case in CASES:
         argv += ["--sampler", case.spec]
     if decode:
@@ -89,6 +90,7 @@ def run(args) -> dict:
         with torch.no_grad():
             runs["full" if decode else "no_decode"] = benchmark.run(bench_args)
     return {"meta": {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "models": SUB,
+                     "sampling": {"cfg": args.cfg, "top_k": args.top_k, "top_p": args.top_p},
                      "quality_images": args.quality_images, "repeats": args.repeats,
                      "cases": [case.__dict__ for case in CASES]},
             "runs": runs}
@@ -115,14 +117,16 @@ def kv_cell(run: dict, spec: str, batch: int) -> str:
 def markdown(result: dict) -> str:
     m, full, fast = result["meta"], result["runs"]["full"], result["runs"]["no_decode"]
     batches = sorted({r["batch"] for r in full["rows"]})
+    sampling = "".join(f"{k.replace('_', '-')} {v}, " for k, v in m.get("sampling", {}).items())
+    sampling = f"sampling with {sampling[:-2]}. " if sampling else ""
     head = (["setting (paper)", "paper's figure", "ours: sampler"] + [f"b{b} full" for b in batches] +
             [f"b{b} no decode" for b in batches] + [f"KV b{batches[-1]}", "proxy FD", "proxy accuracy",
                                                       "proxy recall", "token agreement vs default", "target"])
     lines = [f"Measured {m['date']} on {full['meta']['device']} ({full['meta']['torch_threads']} torch threads, load "
              f"average {full['meta']['load_average_start']:.2f} at start); models {m['models']}; speed = ratio to "
              f"`default` in the same rounds ± half the IQR ({m['repeats']} rounds; `noisy`: IQR > 10 % of the median); "
-             f"{m['quality_images']} class-balanced images per sampler, 95 % intervals. Paper figures: ImageNet 256 px "
-             f"on GPUs (spec accelerators.md).", "",
+             f"{m['quality_images']} class-balanced images per sampler, 95 % intervals; {sampling}Paper figures: "
+             f"ImageNet 256 px on GPUs (spec accelerators.md).", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for case in m["cases"]:
         s = case["spec"]
@@ -152,6 +156,11 @@ def main(argv=None) -> None:
     p.add_argument("--proxy-classifier", default="eval/weights/fmnist64_classifier.safetensors")
     p.add_argument("--num-threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
+    # DD1's settings for VAR (cfg 2.0, top-k 900 of 4096 codes, top-p 0.95), top-k scaled to 1024 codes: the DD
+    # student's training data were drawn with them, so its rows and the teacher's compare like for like
+    p.add_argument("--cfg", type=float, default=2.0)
+    p.add_argument("--top-k", type=int, default=225)
+    p.add_argument("--top-p", type=float, default=0.95)
     args = p.parse_args(argv)
     if args.readme:
         update_readme()
