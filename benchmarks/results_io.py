@@ -10,9 +10,11 @@ from training.atomic import atomic_write_json, atomic_write_text
 
 
 def write_result(out_stem: str | Path, result: dict, markdown: Callable[[dict], str]) -> str:
-    """<stem>.json and <stem>.md, both atomic; returns the Markdown."""
-    out, table = Path(out_stem), markdown(result)
+    """<stem>.json and <stem>.md, both atomic; returns the Markdown. The measurements are written first: a table
+    that fails to render never costs the run."""
+    out = Path(out_stem)
     atomic_write_json(out.with_suffix(".json"), result)
+    table = markdown(result)
     atomic_write_text(out.with_suffix(".md"), table)
     return table
 

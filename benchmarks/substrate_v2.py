@@ -114,6 +114,11 @@ def kv_cell(run: dict, spec: str, batch: int) -> str:
     return "—" if row is None or "kv_bytes_ratio_vs_baseline" not in row else f"{100 * row['kv_bytes_ratio_vs_baseline']:.0f} %"
 
 
+def load_text(load: list[float] | None) -> str:
+    """The 1-minute load average (the benchmark records 1, 5 and 15 minutes; None where the OS has none)."""
+    return "unknown" if not load else f"{load[0]:.2f}"
+
+
 def markdown(result: dict) -> str:
     m, full, fast = result["meta"], result["runs"]["full"], result["runs"]["no_decode"]
     batches = sorted({r["batch"] for r in full["rows"]})
@@ -123,7 +128,7 @@ def markdown(result: dict) -> str:
             [f"b{b} no decode" for b in batches] + [f"KV b{batches[-1]}", "proxy FD", "proxy accuracy",
                                                       "proxy recall", "token agreement vs default", "target"])
     lines = [f"Measured {m['date']} on {full['meta']['device']} ({full['meta']['torch_threads']} torch threads, load "
-             f"average {full['meta']['load_average_start']:.2f} at start); models {m['models']}; speed = ratio to "
+             f"average {load_text(full['meta'].get('load_average_start'))} at start); models {m['models']}; speed = ratio to "
              f"`default` in the same rounds ± half the IQR ({m['repeats']} rounds; `noisy`: IQR > 10 % of the median); "
              f"{m['quality_images']} class-balanced images per sampler, 95 % intervals; {sampling}Paper figures: "
              f"ImageNet 256 px on GPUs (spec accelerators.md).", "",

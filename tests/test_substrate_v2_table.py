@@ -33,7 +33,7 @@ def test_table_cells_come_from_their_rows():
     spec = "code:draft_scales=8"
     quality = dict(proxy_fd=100.0, proxy_fd_ci=[90.0, 110.0], proxy_accuracy=0.9, proxy_accuracy_ci=[0.88, 0.92],
                    proxy_recall=0.25, proxy_recall_ci=[0.2, 0.3], quality_token_agreement=0.5, quality_token_agreement_ci=[0.49, 0.51])
-    full = {"meta": {"device": "cpu", "torch_threads": 1, "load_average_start": 1.0},
+    full = {"meta": {"device": "cpu", "torch_threads": 1, "load_average_start": [1.0, 0.5, 0.25]},
             "rows": [_row("default", 1, 1.0), _row("default", 16, 1.0, kv_bytes_ratio_vs_baseline=1.0),
                      _row(spec, 1, 1.8), _row(spec, 16, 2.4, iqr_frac=0.2, noisy=True, kv_bytes_ratio_vs_baseline=0.3,
                                               **quality)]}
