@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from benchmarks.plotting import bar_panel, save_panels
+from benchmarks.results_io import with_interval
 from benchmarks.training_report import markdown_table as training_pipeline_table
 from training.atomic import atomic_write_json, atomic_write_text
 
@@ -63,13 +64,6 @@ def model_card_markdown(card: dict, folder: Path = SHIPPED_V1) -> str:
     return "\n".join(lines) + "\n"
 
 
-def with_interval(value: float | None, ci: dict | None, fmt) -> str:
-    """'value [low, high]', 'value' without an interval, '—' without a value."""
-    if value is None:
-        return "—"
-    return fmt(value) + (f" [{fmt(ci['low'])}, {fmt(ci['high'])}]" if ci else "")
-
-
 def real_reference_note(path: Path) -> str:
     """The yardstick rows of `python -m eval.real_reference` in words ('' without the file)."""
     if not path.is_file():
@@ -97,8 +91,9 @@ def proxy_quality(name: str, folder: Path = SHIPPED_V1) -> dict | None:
     card = json.loads(path.read_text())
     m, settings = card["evaluation"]["proxy"]["metrics"], card["sampling"]["settings"]
     ci = card["evaluation"]["proxy"].get("intervals", {})  # 95 %: bootstrap (FD), Wilson (accuracy)
+    bounds = {key: [ci[key]["low"], ci[key]["high"]] if key in ci else None for key in ("proxy_accuracy", "proxy_fd")}
     return {"classifier_accuracy": m["proxy_accuracy"], "proxy_fd": m["proxy_fd"], "num_samples": card["num_samples"],
-            "classifier_accuracy_ci": ci.get("proxy_accuracy"), "proxy_fd_ci": ci.get("proxy_fd"),
+            "classifier_accuracy_ci": bounds["proxy_accuracy"], "proxy_fd_ci": bounds["proxy_fd"],
             "per_class": settings["per_class"], "cfg": settings["cfg"], "top_k": settings["top_k"],
             "seed": settings["seed"]}
 

@@ -56,6 +56,8 @@ def blurred(images_NHWC: np.ndarray, factor: int) -> np.ndarray:
 def from_padded_layout(images_NHWC: np.ndarray, content: int, size: int) -> np.ndarray:
     """Samples of the padded layout (content x content centred) in the upsampled layout of `size` px."""
     h, w = images_NHWC.shape[1:3]
+    if content < 1:
+        raise ValueError(f"the padded layout's content side must be >= 1, got {content}")
     if h < content or w < content:
         raise ValueError(f"samples of {h}x{w} px cannot hold the {content}x{content} content of the padded layout")
     top, left = (h - content) // 2, (w - content) // 2
@@ -107,10 +109,14 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--tokenizer", default="", help="also score this tokenizer's reconstructions of the real images")
     p.add_argument("--padded-samples", action="append", default=[], metavar="NAME=NPZ",
                    help="samples of the 32 px padded layout to score in the classifier's layout")
+    p.add_argument("--padded-content", type=int, default=28,
+                   help="side of the content centred in --padded-samples (the dataset's own images: 28 for Fashion-MNIST)")
     p.add_argument("--bootstrap", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
+    if args.padded_content < 1:
+        raise ValueError(f"--padded-content must be >= 1, got {args.padded_content}")
     factors = [int(f) for f in args.blur.split(",") if f.strip()]
     net = load_classifier(args.proxy_classifier)
     cfg = net.config
@@ -133,7 +139,7 @@ def main(argv: list[str] | None = None) -> dict:
         if not path:
             raise ValueError(f"--padded-samples expects NAME=PATH.npz, got {item!r}")
         samples, sample_labels = load_npz_samples(path)
-        moved = from_padded_layout(samples, content=28, size=size)
+        moved = from_padded_layout(samples, content=args.padded_content, size=size)
         rows[name] = {**score(net, reference, moved, sample_labels, name, args.bootstrap, args.seed), "samples": path}
     result = {"proxy_classifier": args.proxy_classifier, "image_size": size, "pad_small": pad_small,
               "reference": "Fashion-MNIST test set", "count": args.count, "rows": rows}
