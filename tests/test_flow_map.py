@@ -59,6 +59,22 @@ def test_per_token_laws_differ_and_map_is_deterministic_and_continuous():
     assert (finer.tokens != out.tokens[:2000]).float().mean() < 0.005  # ODE error is small
 
 
+def test_gathered_supports_map_like_the_full_codebook():
+    """Rows whose supports are gathered (sums over K <= V codes) give the full-V map's tokens and endpoints: the
+    excluded codes have weight exactly zero. Supports of very different sizes share chunks."""
+    gen = torch.Generator().manual_seed(2)
+    V, C, N = 64, 8, 6000
+    codes = torch.randn(V, C, generator=gen)
+    probs = torch.stack([random_law(V, V - k, gen) for k in torch.randint(1, V // 2, (N,), generator=gen).tolist()])
+    noise = torch.randn(N, C, generator=gen)
+    full = flow_map(noise, probs, codes, FlowMapConfig(support_gather=0.0))
+    gathered = flow_map(noise, probs, codes, FlowMapConfig(support_gather=0.5, chunk=500))
+    assert (probs.gather(1, gathered.tokens[:, None]) > 0).all()
+    assert (gathered.tokens != full.tokens).float().mean() < 1e-3  # float rounding next to a cell boundary only
+    torch.testing.assert_close(gathered.endpoint[gathered.tokens == full.tokens],
+                               full.endpoint[gathered.tokens == full.tokens], atol=1e-4, rtol=0)
+
+
 def test_bad_shapes_fail_clearly():
     with pytest.raises(ValueError, match="shapes do not match"):
         flow_map(torch.randn(4, 3), torch.full((4, 5), 0.2), torch.randn(5, 2))

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from accelerate.state import AcceleratorState
 from PIL import Image
 
 import train
@@ -345,7 +346,37 @@ def test_bad_configs_are_clear_errors(tmp_path, tiny_tokenizer):
         train.main(["var", "--config", str(cfg), "--set", "steps=2"])
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="needs a CUDA device"):
-            train.main(["var", "--config", str(cfg), "--set", "train.mixed_precision=bf16"])
+            train.main(["var", "--config", str(cfg), "--set", "train.mixed_precision=fp16"])
+
+
+def test_cpu_bf16_autocast_trains_in_bf16_with_fp32_weights(tmp_path, tiny_tokenizer, monkeypatch):
+    """train.mixed_precision = bf16 on CPU: the blocks compute in bf16 under autocast, the weights (and so the
+    optimizer's master copy) stay fp32, and the first loss is the fp32 run's within bf16 rounding."""
+    if torch.cuda.is_available():
+        pytest.skip("the CPU autocast path")
+    from var.layers import AdaLNBlock
+    seen, forward = [], AdaLNBlock.forward
+
+    def recording(self, x_BLC, *args, **kwargs):
+        if self.training:  # the training forward (not the end-of-run sample grid)
+            seen.append(x_BLC.dtype)
+        return forward(self, x_BLC, *args, **kwargs)
+
+    monkeypatch.setattr(AdaLNBlock, "forward", recording)
+    cfg = write_var_config(tmp_path, tiny_tokenizer, steps=1)
+    losses = {}
+    for mp in ("no", "bf16"):
+        seen.clear()
+        run = tmp_path / mp
+        AcceleratorState._reset_state(reset_partial_state=True)  # the process-wide state fixes the precision once
+        try:
+            train.main(["var", "--config", str(cfg), "--set", f"train.out_dir={run}", "--set", f"train.mixed_precision={mp}"])
+        finally:
+            AcceleratorState._reset_state(reset_partial_state=True)
+        assert set(seen) == {torch.bfloat16 if mp == "bf16" else torch.float32}
+        assert all(t.dtype == torch.float32 for t in params(run / "var.safetensors").values() if t.is_floating_point())
+        losses[mp] = read_log(run)[0]["loss"]
+    assert losses["bf16"] == pytest.approx(losses["no"], rel=2e-2) and losses["bf16"] != losses["no"]
 
 
 def test_tokenizer_var_mismatch_and_run_directory_misuse(tmp_path, tiny_tokenizer):

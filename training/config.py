@@ -162,7 +162,7 @@ class RunConfig:
     steps: int = 1000
     seed: int = 0
     out_dir: str = "runs/default"
-    mixed_precision: str = "auto"  # auto (bf16 on CUDA, no on CPU) | no | bf16 | fp16
+    mixed_precision: str = "auto"  # auto (bf16 on CUDA, no on CPU) | no | bf16 (CUDA or CPU) | fp16 (CUDA)
     log_every: int = 10
     sample_every: int = 500  # sample grid PNGs
     ckpt_every: int = 500

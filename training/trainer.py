@@ -57,14 +57,16 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 def make_accelerator(cfg: TrainConfig) -> Accelerator:
-    """bf16 autocast on CUDA by default, fp32 on CPU (CPU autocast is slower and changes numerics);
-    fp16 uses the recipe's gradient scaler (initial scale 2^11, growth interval 1000)."""
+    """bf16 autocast on CUDA by default, fp32 on CPU ("auto"). CPU bf16 autocast is opt-in: it pays on CPUs with
+    bf16 dot-product instructions (AVX512-BF16 / AMX; 1.2-1.3x per VAR step measured on this machine's EPYC), and
+    is slower than fp32 elsewhere. fp16 (CUDA only) uses the recipe's gradient scaler (initial scale 2^11, growth
+    interval 1000)."""
     on_cuda = torch.cuda.is_available()
     mp = cfg.train.mixed_precision
     if mp == "auto":
         mp = "bf16" if on_cuda else "no"
-    if mp != "no" and not on_cuda:
-        raise ValueError(f"train.mixed_precision = {mp!r} needs a CUDA device; use 'auto' or 'no' on CPU")
+    if mp == "fp16" and not on_cuda:
+        raise ValueError("train.mixed_precision = 'fp16' needs a CUDA device; use 'bf16', 'auto' or 'no' on CPU")
     if on_cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True

@@ -9,7 +9,11 @@ p (up to ODE error near cell boundaries), but as a deterministic function of eps
 
 Solver: data-prediction DPM-Solver++(2M) on a log-SNR grid (lambda = log((1 - t) / t)), all in float32,
 no network evaluation (only V-way weighted sums). The first step leaves t = 1 exactly (where the
-posterior is p itself). Codes with p_j = 0 (removed by top-k/top-p) are excluded from the mixture.
+posterior is p itself). Codes with p_j = 0 (removed by top-k/top-p) are excluded from the mixture: when every
+row of a chunk has at most `support_gather` x V non-zero entries, each row's support is gathered first and the
+sums run over K = the chunk's largest support instead of V (top-k 225 of 1024 codes: >= 4.5x fewer
+operations; the excluded terms are exactly zero, so only float rounding differs). Rows are chunked in order
+of support size, so confident tokens (supports of a few codes) cost a few codes each.
 
 `FlowSampler` ("flow") is the default VAR loop with this map as its token-drawing rule: each token draws
 eps ~ N(0, I_Cvae) from the generator and maps it through the processed distribution of the default
@@ -33,11 +37,13 @@ class FlowMapConfig:
     steps: int = 128  # solver steps after the first one from t = 1
     t_first: float = 0.98  # end of the first (exact-from-t=1) step
     t_end: float = 2e-3  # final time; the posterior is already collapsed onto one code there
-    chunk: int = 8192  # tokens per chunk (memory: chunk x V floats)
+    chunk: int = 1024  # tokens per chunk (memory: chunk x V floats, or chunk x K x C when the support is gathered)
+    support_gather: float = 0.5  # gather each row's support when it is at most this fraction of V (0: never)
 
     def __post_init__(self) -> None:
-        if self.steps < 1 or not 0 < self.t_end < self.t_first < 1 or self.chunk < 1:
-            raise ValueError(f"invalid flow-map settings {self}: need steps >= 1, 0 < t_end < t_first < 1, chunk >= 1")
+        if self.steps < 1 or not 0 < self.t_end < self.t_first < 1 or self.chunk < 1 or not 0 <= self.support_gather <= 1:
+            raise ValueError(f"invalid flow-map settings {self}: need steps >= 1, 0 < t_end < t_first < 1, chunk >= 1, "
+                             f"0 <= support_gather <= 1")
 
 
 @dataclass
@@ -46,12 +52,16 @@ class FlowResult:
     endpoint: torch.Tensor  # (N, C) the ODE state mapped to t = 0 by the last denoised estimate
 
 
-def _denoise(x_NC: torch.Tensor, t: float, logp_NV: torch.Tensor, codes_VC: torch.Tensor, sq_V: torch.Tensor):
-    """Posterior mean E[x_0 | x_t] and posterior logits (N, V)."""
+def _denoise(x_NC: torch.Tensor, t: float, logp_NV: torch.Tensor, codes: torch.Tensor, sq: torch.Tensor):
+    """Posterior mean E[x_0 | x_t] and posterior logits (N, V). codes: (V, C) shared by every row, or (N, K, C)
+    per row (gathered supports, then logp and sq are (N, K))."""
     a = 1.0 - t
+    dots = x_NC @ codes.T if codes.ndim == 2 else torch.einsum("nc,nkc->nk", x_NC, codes)
     # log p_j - |x - a c_j|^2 / (2 t^2), dropping |x|^2 (constant over j)
-    logits = logp_NV + (2 * a * (x_NC @ codes_VC.T) - a * a * sq_V) / (2 * t * t)
-    return logits.softmax(-1) @ codes_VC, logits
+    logits = logp_NV + (2 * a * dots - a * a * sq) / (2 * t * t)
+    weights = logits.softmax(-1)
+    mean = weights @ codes if codes.ndim == 2 else torch.einsum("nk,nkc->nc", weights, codes)
+    return mean, logits
 
 
 def log_snr_grid(cfg: FlowMapConfig) -> list[float]:
@@ -61,7 +71,28 @@ def log_snr_grid(cfg: FlowMapConfig) -> list[float]:
     return [1.0] + torch.sigmoid(-lam).tolist()
 
 
-def _flow_chunk(noise_NC, logp_NV, codes_VC, sq_V, ts: list[float]) -> FlowResult:
+def _gathered(logp_NV: torch.Tensor, codes_VC: torch.Tensor, sq_V: torch.Tensor, fraction: float):
+    """(logp (N, K), codes (N, K, C), sq (N, K), index (N, K)) over each row's K most likely codes, K = the
+    largest support in the chunk, when K <= fraction x V; None otherwise. Padding entries keep logp = -inf."""
+    V = codes_VC.shape[0]
+    K = int(torch.isfinite(logp_NV).sum(-1).max())
+    if K > fraction * V:
+        return None
+    logp_NK, index_NK = logp_NV.topk(K, dim=-1)
+    return logp_NK, codes_VC[index_NK], sq_V[index_NK], index_NK
+
+
+def _flow_chunk(noise_NC, logp_NV, codes_VC, sq_V, ts: list[float], support_gather: float) -> FlowResult:
+    gathered = _gathered(logp_NV, codes_VC, sq_V, support_gather)
+    if gathered is not None:
+        logp_NK, codes_NKC, sq_NK, index_NK = gathered
+        out = _integrate(noise_NC, logp_NK, codes_NKC, sq_NK, ts)
+        return FlowResult(index_NK.gather(1, out.tokens[:, None])[:, 0], out.endpoint)
+    return _integrate(noise_NC, logp_NV, codes_VC, sq_V, ts)
+
+
+def _integrate(noise_NC, logp_NV, codes_VC, sq_V, ts: list[float]) -> FlowResult:
+    """The ODE from t = 1 to ts[-1]; tokens index the columns of logp (the codes given)."""
     x = noise_NC
     prev_d, prev_h = None, None
     for i in range(len(ts) - 1):
@@ -100,9 +131,16 @@ def flow_map(noise_NC: torch.Tensor, probs_NV: torch.Tensor, codebook_VC: torch.
             raise ValueError("every token needs a probability vector with non-negative entries and positive mass")
         logp = (probs / probs.sum(-1, keepdim=True)).log()  # zeros -> -inf: excluded from the mixture
         ts = log_snr_grid(config)
-        parts = [_flow_chunk(noise_NC[i:i + config.chunk].float(), logp[i:i + config.chunk], codes, sq_V, ts)
-                 for i in range(0, N, config.chunk)]
-    return FlowResult(torch.cat([p.tokens for p in parts]), torch.cat([p.endpoint for p in parts]))
+        # rows in order of support size, so a chunk's K (its largest support) is close to each row's own:
+        # background tokens of a confident teacher have supports of a few codes, others of hundreds
+        order_N = torch.isfinite(logp).sum(-1).argsort(stable=True)
+        parts = [_flow_chunk(noise_NC[rows].float(), logp[rows], codes, sq_V, ts, config.support_gather)
+                 for rows in order_N.split(config.chunk)]
+        tokens_N = torch.empty(N, dtype=torch.long, device=noise_NC.device)
+        endpoint_NC = torch.empty(N, C, dtype=torch.float32, device=noise_NC.device)
+        tokens_N[order_N] = torch.cat([p.tokens for p in parts])
+        endpoint_NC[order_N] = torch.cat([p.endpoint for p in parts])
+    return FlowResult(tokens_N, endpoint_NC)
 
 
 def flow_tokens(noise_BlC: torch.Tensor, probs_BlV: torch.Tensor, codebook_VC: torch.Tensor,
