@@ -329,6 +329,55 @@ def test_train_py_dd_job_resumes_exactly_and_exports_a_loadable_student(tmp_path
     assert isinstance(extras["student"], DDStudent) and out.stats.forwards == {"student": 2}
 
 
+def test_dd_job_trains_at_the_configured_timesteps_and_scores_held_out_pairs(tmp_path, pair, monkeypatch):
+    """dd.train_t: every row's timestep comes from the list; dd.val_samples: the last pairs are never trained on,
+    and the logged val_t{t}_* are the exported student's metrics on them at each timestep."""
+    import train
+    import samplers.dd.job as job_module
+    from training.checkpoint import load_model, save_model
+
+    var, vae = pair
+    save_model(tmp_path / "teacher.safetensors", var)
+    save_model(tmp_path / "tok.safetensors", vae)
+    cfg_path = tmp_path / "dd.toml"
+    cfg_path.write_text(DD_TOML.format(teacher=tmp_path / "teacher.safetensors", tokenizer=tmp_path / "tok.safetensors",
+                                       data=tmp_path / "data"))
+    generate(small_cfg(tmp_path, data_dir=str(tmp_path / "data"), num_samples=16, shard_size=8, seed=0, cfg=1.5,
+                       top_k=8, flow_steps=8), var, vae, show_progress=False)
+    seen_t, fetched = [], {True: set(), False: set()}
+    real_loss, real_fetch = job_module.dd_loss, job_module.DDJob.fetch
+
+    def recording_loss(forward, student, *args):
+        if student.training:
+            seen_t.extend(args[-2].tolist())
+        return real_loss(forward, student, *args)
+
+    def recording_fetch(self, indices, device):
+        fetched[self.student.training].update(indices)
+        return real_fetch(self, indices, device)
+
+    monkeypatch.setattr(job_module, "dd_loss", recording_loss)
+    monkeypatch.setattr(job_module.DDJob, "fetch", recording_fetch)
+    with pytest.raises(ValueError, match="train_t must start at 0"):
+        train.main(["dd", "--config", str(cfg_path), "--set", "dd.train_t=[1, 2]"])
+    with pytest.raises(ValueError, match="below the teacher's 4 scales"):
+        train.main(["dd", "--config", str(cfg_path), "--set", "dd.train_t=[0, 4]",
+                    "--set", f"train.out_dir={tmp_path / 'bad'}"])
+    out = train.main(["dd", "--config", str(cfg_path), "--set", "dd.train_t=[0, 1, 2]", "--set", "dd.val_samples=4",
+                      "--set", "train.val_every=4", "--set", "optim.ema_decay=0", "--set", f"train.out_dir={tmp_path / 'v'}"])
+    assert set(seen_t) == {0, 1, 2} and len(seen_t) == 4 * 4
+    assert fetched[True] <= set(range(12)) and fetched[False] == set(range(12, 16))
+    record = [json.loads(line) for line in (tmp_path / "v" / "metrics.jsonl").read_text().splitlines()][-1]
+    assert record["val_items"] == 4
+    student, codebook = load_model(out), vae.quantize.embedding.weight.detach()
+    labels, noise, tokens = DDDataset(tmp_path / "data").fetch(list(range(12, 16)), "cpu")
+    for t in (0, 1, 2):
+        _, metrics = real_loss(student, student, codebook, labels, noise, tokens, torch.full((4,), t), 1.0)
+        assert record[f"val_t{t}_ce"] == pytest.approx(float(metrics["ce"]), rel=1e-5)
+        assert record[f"val_t{t}_acc_s3"] == pytest.approx(float(metrics["acc_s3"]), abs=1e-6)
+    assert "val_t2_acc_s1" not in record  # a data slot at t = 2 is not scored
+
+
 def test_student_step_lists_generalise_the_1step_and_2step_schedules(pair):
     var, vae = pair
     student = DDStudent.from_teacher(var, t2=2).eval()

@@ -20,7 +20,7 @@ import json
 import os
 import time
 import tomllib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -51,9 +51,18 @@ class DDConfig:
     t2: int = 3  # student: second timestep (scales < t2 given as data at the second step)
     loss_split: int = 3  # student: scales < loss_split via the classifier head (CE), the rest via the continuous head
     cont_weight: float = 1.0  # weight of the continuous head's regression loss (MSE / codebook variance)
+    # student training: the timesteps t each row is trained at (uniform over the list; empty: DD1's [0, t2]).
+    # A multi-step schedule "0,t1,...,tn" steps at every t_i, so its student should be trained at each of them.
+    train_t: list[int] = field(default_factory=list)
+    val_samples: int = 0  # the last val_samples pairs are held out: per-scale accuracy at every train_t (val_every)
 
     def __post_init__(self) -> None:
         problems = []
+        self.train_t = [int(t) for t in self.train_t]
+        if self.train_t and (self.train_t[0] != 0 or any(b <= a for a, b in zip(self.train_t, self.train_t[1:]))):
+            problems.append(f"train_t must start at 0 and increase strictly (e.g. [0, 3]), got {self.train_t}")
+        if not 0 <= self.val_samples < self.num_samples:
+            problems.append(f"val_samples must be in [0, num_samples), got {self.val_samples}")
         if self.num_samples < 1 or self.shard_size < 1:
             problems.append(f"num_samples and shard_size must be >= 1, got {self.num_samples}, {self.shard_size}")
         if self.flow_steps < 1:
@@ -62,6 +71,11 @@ class DDConfig:
             problems.append(f"need t2 >= 1, loss_split >= 0, cont_weight >= 0; got {self.t2}, {self.loss_split}, {self.cont_weight}")
         if problems:
             raise ValueError("invalid [dd] settings: " + "; ".join(problems))
+
+    @property
+    def timesteps(self) -> list[int]:
+        """The student's training timesteps: train_t, or DD1's [0, t2]."""
+        return self.train_t or [0, self.t2]
 
     def generation_settings(self) -> dict:
         keys = ("num_samples", "shard_size", "seed", "cfg", "top_k", "top_p", "temperature", "flow_steps")

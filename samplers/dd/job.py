@@ -3,7 +3,9 @@
   python -m samplers.dd.data --config configs/fmnist_dd.toml      # 1. the (label, noise, tokens) dataset
   python train.py dd --config configs/fmnist_dd.toml         # 2. the student (accelerate, resume, JSONL logs)
 
-Each row gets a timestep t in {0, t2} (uniform, from the process's seeded RNG, so --resume is exact). Its
+Each row gets a timestep t from dd.train_t (default DD1's {0, t2}; uniform, from the process's seeded RNG,
+so --resume is exact). With dd.val_samples, the last pairs of the dataset are held out and scored every
+train.val_every steps at each training timestep (val_t{t}_acc_s{scale}, val_t{t}_ce, ... in metrics.jsonl). Its
 input holds the code vectors of the flow-mapped tokens of scales < t and the original noise of scales >= t;
 the targets are the tokens of scales >= t: cross-entropy through the classifier head for scales < loss_split,
 per-coordinate MSE to the code vector through the continuous head for the others, divided by the codebook's
@@ -16,6 +18,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.utils.data import Dataset
 
 from samplers.base import check_models_compatible
 from samplers.dd.sampler import DDSampler
@@ -82,6 +85,20 @@ def evaluate_pairs(student: DDStudent, codebook_VC: torch.Tensor, data: DDDatase
     return out
 
 
+class HeldOutPairs(Dataset):
+    """The held-out pairs as loader keys: key (i, epoch) -> (offset + i, epoch), for the job's fetch."""
+
+    def __init__(self, offset: int, count: int):
+        self.offset, self.count = offset, count
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[int, int]:
+        index, epoch = key
+        return self.offset + index, epoch
+
+
 class DDJob(TrainJob):
     export_name = "dd_student"
 
@@ -97,6 +114,13 @@ class DDJob(TrainJob):
         check_models_compatible(self.teacher, self.vae, "dd.teacher")
         self.data = DDDataset(dd.data_dir)
         self._check_dataset()
+        K = self.teacher.num_scales
+        if dd.timesteps[-1] >= K or dd.t2 >= K:
+            raise ValueError(f"[dd] t2 = {dd.t2} and train_t = {dd.timesteps} must be below the teacher's {K} scales")
+        if dd.val_samples >= len(self.data):
+            raise ValueError(f"[dd] val_samples = {dd.val_samples} leaves no training pairs of the {len(self.data)} in "
+                             f"{dd.data_dir}")
+        self.timesteps_T = torch.tensor(dd.timesteps)
         self.student = DDStudent.from_teacher(self.teacher, t2=dd.t2, loss_split=dd.loss_split).to(device).train()
         self.model = self.student  # replaced by the accelerate-prepared wrapper (same parameters)
         self.codebook_VC = self.vae.quantize.embedding.weight.detach()
@@ -111,15 +135,33 @@ class DDJob(TrainJob):
 
     # ---- job interface (see training/trainer.py) ---------------------------------------------------------------
     def num_items(self) -> int:
-        return len(self.data)
+        return len(self.data) - self.dd.val_samples
 
     def fetch(self, indices: list[int], device: torch.device):
         return self.data.fetch(indices, device)
 
     def loss(self, batch, step: int):
         labels_B, noise_BLC, tokens_BL = batch
-        t_B = torch.where(torch.rand(labels_B.shape[0]) < 0.5, 0, self.dd.t2).to(labels_B.device)
+        # a uniform pick from the timesteps; with DD1's two, exactly the earlier where(rand < 0.5, 0, t2)
+        pick_B = (torch.rand(labels_B.shape[0]) * len(self.timesteps_T)).long()
+        t_B = self.timesteps_T[pick_B].to(labels_B.device)
         return dd_loss(self.model, self.student, self.codebook_VC, labels_B, noise_BLC, tokens_BL, t_B, self.dd.cont_weight)
+
+    def val_dataset(self) -> Dataset | None:
+        n = self.dd.val_samples
+        return HeldOutPairs(len(self.data) - n, n) if n else None
+
+    @torch.no_grad()
+    def val_metrics(self, batch) -> dict:
+        """Held-out CE, MSE and per-scale accuracy of the supervised slots at each training timestep."""
+        labels_B, noise_BLC, tokens_BL = batch
+        out = {}
+        for t in self.dd.timesteps:
+            t_B = torch.full_like(labels_B, t)
+            _, metrics = dd_loss(self.model, self.student, self.codebook_VC, labels_B, noise_BLC, tokens_BL, t_B,
+                                 self.dd.cont_weight)
+            out.update({f"t{t}_{k}": float(v) for k, v in metrics.items() if k != "loss"})
+        return out
 
     def after_step(self, extra_optimizers, step, micro, acc) -> dict:
         return {}
