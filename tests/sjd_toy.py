@@ -28,9 +28,10 @@ class BlockTarget(ABC):
 
 
 class BlockSJD:
-    def __init__(self, target: BlockTarget, source: DraftSource, settings: SJDSettings, draft_generator, verify_generator):
+    def __init__(self, target: BlockTarget, source: DraftSource, settings: SJDSettings, draft_generator, verify_generator,
+                 history=None):
         self.target, self.draft_gen, self.verify_gen = target, draft_generator, verify_generator
-        self.spec = BlockSpeculation(source, settings)
+        self.spec = BlockSpeculation(source, settings, history=history)
 
     @property
     def counters(self) -> dict:
@@ -43,7 +44,7 @@ class BlockSJD:
     def run(self, batch: int, device: torch.device) -> list[torch.Tensor]:
         target, spec = self.target, self.spec
         K = len(target.block_sizes)
-        spec.reset(target.block_sizes, self.verify_gen)
+        spec.reset(target.block_sizes, self.verify_gen, batch)
         spec.source.start(target, batch, self.draft_gen)
         tokens: list[torch.Tensor | None] = [None] * K
         final = [torch.zeros(batch, dtype=torch.bool, device=device) for _ in range(K)]

@@ -20,7 +20,7 @@ import samplers.sjd.sampler  # noqa: F401  (registers "sjd"; samplers/__init__.p
 from samplers import build_sampler
 from samplers.sjd.drafts import JacobiDraft, RandomDraft
 from samplers.logits_processing import apply_temperature, cfg_strength, guide, top_k_top_p_filter_
-from samplers.sjd.speculation import Draft, DraftSource, SJDSettings
+from samplers.sjd.speculation import AcceptanceHistory, BlockSpeculation, Draft, DraftSource, SJDSettings
 from tests.sjd_toy import BlockSJD, BlockTarget
 from samplers.sjd.verify import AcceptRule, derive_generator, multinomial_rows, verify_block
 from tests.conftest import make_tiny_pair
@@ -195,6 +195,45 @@ def test_small_batches_with_multi_block_commits_stay_exact(toy):
     assert fit(samples, prob)[1] > 0.01
 
 
+def test_adaptive_windows_learn_from_past_passes_and_stay_exact(toy):
+    """window_policy=adaptive over many batch-4 runs sharing one history: some windows are cut short, others
+    kept whole, as the acceptance seen so far says, and the law stays exact."""
+    model, _, prob = toy
+    drafter = ToyDrafter(ToyBlockModel(0, strength=0.5))  # accepts a whole block in ~3 rows of 4
+    history = AcceptanceHistory()
+    settings = SJDSettings(3, 100, AcceptRule(), "adaptive", 0.1)
+    samples, whole, cut = [], 0, 0
+    for s in range(2000):
+        target = ToyTarget(model, 4)
+        gen = torch.Generator().manual_seed(s)
+        engine = BlockSJD(target, drafter, settings, gen, derive_generator(gen), history=history)
+        samples.append(torch.cat(engine.run(4, torch.device("cpu")), 1))
+        whole += sum(e - a == min(3, len(model.sizes) - a) for a, e in target.windows)
+        cut += sum(e - a < min(3, len(model.sizes) - a) for a, e in target.windows)
+    assert fit(torch.cat(samples), prob)[1] > 0.01
+    assert whole > 100 and cut > 100, (whole, cut)
+
+
+def test_adaptive_window_rule():
+    """The window stops before the first drafted scale where prod r_b^B < min_commit_prob."""
+    history = AcceptanceHistory()
+    history.add(0, 9, 8)  # r_0 = (8 + 1) / (9 + 1) = 0.9
+    history.add(1, 3, 1)  # r_1 = 0.5
+    spec = BlockSpeculation(RandomDraft(), SJDSettings(3, 100, AcceptRule(), "adaptive", 0.25), history=history)
+    spec.reset((1, 2, 4, 8), None, 2)
+    assert spec.window_end(0, 4) == 2  # 0.9^2 = 0.81 keeps scale 1; x 0.5^2 = 0.2025 < 0.25 stops before scale 2
+    spec.reset((1, 2, 4, 8), None, 1)
+    assert spec.window_end(0, 4) == 3  # batch 1: 0.9 x 0.5 = 0.45
+    assert spec.window_end(2, 4) == 4  # scale 2 never tested: tried
+    history.add(2, 1, 0)
+    assert spec.window_end(2, 4) == 4  # r_2 = 0.5 at batch 1 still >= 0.25
+    spec.reset((1, 2, 4, 8), None, 3)
+    assert spec.window_end(2, 4) == 3 and spec.window_end(1, 4) == 2  # batch 3: 0.5^3 = 0.125 < 0.25
+    fixed = BlockSpeculation(RandomDraft(), SJDSettings(3, 100), history=history)
+    fixed.reset((1, 2, 4, 8), None, 16)
+    assert fixed.window_end(0, 4) == 3
+
+
 def test_adversarial_window_two_and_relaxed_mode_is_biased(toy):
     model, _, prob = toy
     tv, pvalue = fit(run_toy(model, ToyDrafter(model, adversarial_of=model), N_TOY, 5, window=2)[0], prob)
@@ -289,6 +328,25 @@ def test_max_spec_tokens_limits_speculation_and_counters_are_real(tiny):
     assert out.stats.tokens_processed["var"] >= 2 * len(LABELS) * sum(n_tok)  # CFG doubles the rows
     assert out.stats.forwards["draft_var"] >= 1 and out.stats.kv_bytes_peak > 0
     assert engine.counters["rows_tested"][0] == len(LABELS)  # scale 0 is verified once per row
+
+
+def test_adaptive_window_at_a_batch_that_never_commits_two_scales_becomes_the_default_sampler(tiny):
+    """Batch 16 with a drafter from other weights: after one run the history says no pass would commit two
+    scales in all 16 rows, so the next run has windows of one scale: the default sampler's draws exactly."""
+    var, vae, other = tiny
+    labels = torch.arange(16) % var.num_classes
+    sjd = build_sampler("sjd", var=var, vae=vae, draft="var", draft_model=other, window_scales=3,
+                        max_spec_tokens=100, window_policy="adaptive")
+    kw = dict(cfg=1.5, top_k=5, seed=9, decode=False)
+    first = sjd.sample(labels, **kw)
+    assert max(first.stats.extra["blocks_per_pass"]) >= 1 and first.stats.extra["window_policy"] == "adaptive"
+    assert first.stats.forwards.get("draft_var", 0) > 0  # it did speculate before it knew better
+    second = sjd.sample(labels, **kw)
+    ref = build_sampler("default", var=var, vae=vae).sample(labels, **kw)
+    assert second.stats.forwards.get("draft_var", 0) == 0 and second.stats.extra["passes"] == var.num_scales
+    assert all(torch.equal(a, b) for a, b in zip(second.tokens, ref.tokens))
+    with pytest.raises(ValueError, match="window_policy must be one of"):
+        build_sampler("sjd", var=var, vae=vae, window_policy="greedy")
 
 
 def test_relaxed_modes_are_flagged_and_bad_options_fail_clearly(tiny):

@@ -2,7 +2,9 @@
 
 Options: draft (jacobi | random | var | dd | any registered source); draft_init: random | repeat (drafts of
 scales never seen by the target); window_scales: W (1 = plain sampling); max_spec_tokens: only scales
-with at most this many tokens are computed on drafted inputs; accept_mode: exact (default) | lenient |
+with at most this many tokens are computed on drafted inputs; window_policy: fixed (default) | adaptive
+(windows cut where the all-rows acceptance seen so far makes a multi-scale commit unlikely, min_commit_prob;
+samplers/sjd/speculation.py); accept_mode: exact (default) | lenient |
 topk, with lenient_ratio / accept_top_k, and stale_tolerance (relaxed modes are biased; stats.extra["exact"]
 is then False); stage: verify only that stage ("refiner" with code; default: every VAR stage).
 Extra models (all optional): draft_model (a VAR sharing the tokenizer, for draft='var'), student (for
@@ -17,7 +19,7 @@ from __future__ import annotations
 from samplers.base import Accelerator, register_sampler, sampler_class
 from samplers.engine import Plan
 from samplers.sjd import drafts as draft_sources
-from samplers.sjd.speculation import BlockSpeculation, DraftSource, SJDSettings
+from samplers.sjd.speculation import AcceptanceHistory, BlockSpeculation, DraftSource, SJDSettings
 from samplers.sjd.verify import AcceptRule
 from training.checkpoint import check_models_compatible
 from var import VAR
@@ -31,12 +33,15 @@ class BlockSJD(Accelerator):
     def __init__(self, *, draft_model: VAR | None = None, student=None, draft: str = "jacobi",
                  draft_init: str = "random", window_scales: int = 2, max_spec_tokens: int = 25,
                  accept_mode: str = "exact", lenient_ratio: float = 1.0, accept_top_k: int = 0,
-                 stale_tolerance: float = 0.0, stage: str = "", draft_source: DraftSource | None = None):
+                 stale_tolerance: float = 0.0, stage: str = "", window_policy: str = "fixed",
+                 min_commit_prob: float = 0.25, draft_source: DraftSource | None = None):
         self.draft_model, self.student = draft_model, student
         self.draft_models = {"draft_model": draft_model, "student": student}
         self.draft, self.draft_init, self.stage = draft, draft_init, stage
         self.settings = SJDSettings(window_scales, max_spec_tokens,
-                                    AcceptRule(accept_mode, lenient_ratio, accept_top_k, stale_tolerance))
+                                    AcceptRule(accept_mode, lenient_ratio, accept_top_k, stale_tolerance),
+                                    window_policy, min_commit_prob)
+        self.history = AcceptanceHistory()  # shared by every run of this accelerator (the adaptive windows)
         self.source = draft_source if draft_source is not None else draft_sources.build_draft_source(draft, self)
         self.speculation: BlockSpeculation | None = None  # the last run's (counters), for inspection
 
@@ -57,7 +62,7 @@ class BlockSJD(Accelerator):
     def configure(self, plan: Plan, sampler) -> None:
         if plan.token_rule.name == "flow" or not plan.token_rule.verifiable:
             raise ValueError("Block-SJD needs a token rule with a law to verify against; the flow rule has none")
-        self.speculation = BlockSpeculation(self.source, self.settings, self.stage)
+        self.speculation = BlockSpeculation(self.source, self.settings, self.stage, self.history)
         plan.speculation = self.speculation
 
     @property
@@ -68,7 +73,8 @@ class BlockSJD(Accelerator):
         rule = self.settings.rule
         stats.extra.update(self.speculation.summary())
         stats.extra.update({"exact": rule.exact, "accept_rule": rule.describe(), "draft_source": self.source.name,
-                            "window_scales": self.settings.window, "max_spec_tokens": self.settings.max_spec_tokens})
+                            "window_scales": self.settings.window, "max_spec_tokens": self.settings.max_spec_tokens,
+                            "window_policy": self.settings.window_policy})
 
 
 BlockSJDSampler = sampler_class("sjd")
