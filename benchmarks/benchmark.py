@@ -283,6 +283,7 @@ def row_of(spec_label: str, c, batch: int, times: list[float], first: dict, args
         st = c.out.stats
         row.update(engine={k: getattr(c.sampler, k) for k in ENGINE_KEYS}, forwards=st.forwards,
                    tokens_processed=st.tokens_processed, kv_bytes_peak=st.kv_bytes_peak,
+                   kv_bytes_per_scale=st.kv_bytes_per_scale,
                    decoded=c.out.images is not None, extra=_jsonable(st.extra),
                    peak_memory_bytes=(torch.cuda.max_memory_allocated() if labels_device(c).type == "cuda"
                                       else process_rss_bytes()))
@@ -311,6 +312,15 @@ def compare(row: dict, base: dict, c, base_c) -> None:
     row["speedup_vs_baseline_paired"] = statistics.median(b / t for b, t in zip(base["times_s"][:n], row["times_s"][:n]))
     if c.kind == "ours" and base_c.kind == "ours":
         row["kv_bytes_ratio_vs_baseline"] = row["kv_bytes_peak"] / max(1, base["kv_bytes_peak"])
+        extra = row.get("extra", {})
+        records = list(zip(extra.get("kv_len_per_layer", []), extra.get("kv_bytes_after_compression", [])))
+        last = max((r["scale"] for r, _ in records), default=0)
+        kept = [nbytes for r, nbytes in records if r["scale"] < last]  # the cache after the last scale goes nowhere
+        carried = base.get("kv_bytes_per_scale", [])[:-1]  # what each baseline forward hands to the next
+        if kept and carried and "kv_bytes_after_compression" not in base.get("extra", {}):
+            # the cache a compressing policy carries between scales (its budget), against the uncompressed one:
+            # the peak above also holds the current scale's own entries, which no budget removes
+            row["kv_kept_ratio_vs_baseline"] = max(kept) / max(carried)
         row["token_agreement_vs_baseline"] = float(torch.cat([(a == b).float().flatten() for a, b in
                                                              zip(c.out.tokens, base_c.out.tokens)]).mean())
         if c.out.images is not None and base_c.out.images is not None:

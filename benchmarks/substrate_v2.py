@@ -109,9 +109,9 @@ def speed_cell(run: dict, spec: str, batch: int) -> str:
         " noisy" if row.get("noisy") else "")
 
 
-def kv_cell(run: dict, spec: str, batch: int) -> str:
+def kv_cell(run: dict, spec: str, batch: int, key: str = "kv_bytes_ratio_vs_baseline") -> str:
     row = _row(run, spec, batch)
-    return "—" if row is None or "kv_bytes_ratio_vs_baseline" not in row else f"{100 * row['kv_bytes_ratio_vs_baseline']:.0f} %"
+    return "—" if row is None or key not in row else f"{100 * row[key]:.0f} %"
 
 
 def load_text(load: list[float] | None) -> str:
@@ -125,19 +125,23 @@ def markdown(result: dict) -> str:
     sampling = "".join(f"{k.replace('_', '-')} {v}, " for k, v in m.get("sampling", {}).items())
     sampling = f"sampling with {sampling[:-2]}. " if sampling else ""
     head = (["setting (paper)", "paper's figure", "ours: sampler"] + [f"b{b} full" for b in batches] +
-            [f"b{b} no decode" for b in batches] + [f"KV b{batches[-1]}", "proxy FD", "proxy accuracy",
-                                                      "proxy recall", "token agreement vs default", "target"])
+            [f"b{b} no decode" for b in batches] + [f"KV peak b{batches[-1]}", "KV kept", "proxy FD",
+                                                      "proxy accuracy", "proxy recall", "token agreement vs default",
+                                                      "target"])
     lines = [f"Measured {m['date']} on {full['meta']['device']} ({full['meta']['torch_threads']} torch threads, load "
              f"average {load_text(full['meta'].get('load_average_start'))} at start); models {m['models']}; speed = ratio to "
              f"`default` in the same rounds ± half the IQR ({m['repeats']} rounds; `noisy`: IQR > 10 % of the median); "
-             f"{m['quality_images']} class-balanced images per sampler, 95 % intervals; {sampling}Paper figures: "
-             f"ImageNet 256 px on GPUs (spec accelerators.md).", "",
+             f"{m['quality_images']} class-balanced images per sampler, 95 % intervals; {sampling}KV peak: the most "
+             f"KV bytes held during a forward (the current scale's own entries included), KV kept: the largest cache "
+             f"a compressing policy carries from one scale to the next (what its budget bounds), both against "
+             f"`default`; Paper figures: ImageNet 256 px on GPUs (spec accelerators.md).", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for case in m["cases"]:
         s = case["spec"]
         shown = s.replace(f"{SUB}/", "")
         cells = ([case["setting"], case["paper"], f"`{shown}`"] + [speed_cell(full, s, b) for b in batches] +
-                 [speed_cell(fast, s, b) for b in batches] + [kv_cell(full, s, batches[-1])] +
+                 [speed_cell(fast, s, b) for b in batches] + [kv_cell(full, s, batches[-1]),
+                                                              kv_cell(full, s, batches[-1], "kv_kept_ratio_vs_baseline")] +
                  quality_cells(_row(full, s), recall=True) + [case["target"] or "—"])
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -28,12 +28,17 @@ def test_benchmark_protocol_on_tiny_models(tmp_path):
     specs = ["default", "edit:mask_threshold=0.5", "default:rng=reference", "default:top_k=3,batches=3"]
     with pytest.raises(ValueError, match="no option 'top_k'"):  # sampling settings are global, not per spec
         benchmark.parse_spec(specs[-1])
-    benchmark.main(models + [a for s in specs[:3] for a in ("--sampler", s)] + [
+    window = "scalekv:policy=window,budget_frac=0.5"
+    benchmark.main(models + [a for s in specs[:3] + [window] for a in ("--sampler", s)] + [
         "--batch-sizes", "1,3", "--repeats", "2", "--warmup", "0", "--top-k", "8", "--peak-matmul-size", "128",
         "--num-threads", "1", "--noise-threshold", "0", "--profile", "1", "--out", str(out)])
     results = json.loads(out.with_suffix(".json").read_text())
     rows = {(r["sampler"], r["batch"]): r for r in results["rows"]}
-    assert set(rows) == {(s, b) for s in specs[:3] for b in (1, 3)}
+    assert set(rows) == {(s, b) for s in specs[:3] + [window] for b in (1, 3)}
+    # the window keeps round(0.5 x 14) = 7 entries of the 14 the uncompressed cache carries into the last scale
+    peak_len = var.begin_ends[-2][1]
+    assert rows[(window, 3)]["kv_kept_ratio_vs_baseline"] == round(0.5 * peak_len) / peak_len
+    assert "kv_kept_ratio_vs_baseline" not in rows[("default", 3)]
     assert results["meta"]["protocol"] == 2 and results["meta"]["load_average_start"] is not None
     for batch in (1, 3):
         base, edit, ref_rng = (rows[(s, batch)] for s in specs[:3])

@@ -36,7 +36,7 @@ def test_table_cells_come_from_their_rows():
     full = {"meta": {"device": "cpu", "torch_threads": 1, "load_average_start": [1.0, 0.5, 0.25]},
             "rows": [_row("default", 1, 1.0), _row("default", 16, 1.0, kv_bytes_ratio_vs_baseline=1.0),
                      _row(spec, 1, 1.8), _row(spec, 16, 2.4, iqr_frac=0.2, noisy=True, kv_bytes_ratio_vs_baseline=0.3,
-                                              **quality)]}
+                                              kv_kept_ratio_vs_baseline=0.125, **quality)]}
     fast = {"rows": [_row(spec, 1, 2.0), _row(spec, 16, 3.0)]}
     cases = [{"spec": spec, "setting": "CoDe N = 8", "paper": "1.7x", "target": ">= 2x"}]
     result = {"meta": {"date": "d", "models": "m", "repeats": 3, "quality_images": 10, "cases": cases},
@@ -46,6 +46,6 @@ def test_table_cells_come_from_their_rows():
     cells = [c.strip() for c in rows[0].strip("|").split("|")]
     assert cells[:3] == ["CoDe N = 8", "1.7x", f"`{spec}`"]
     assert cells[3] == "1.80x ± 0.04" and cells[4] == "2.40x ± 0.24 noisy"
-    assert cells[5] == "2.00x ± 0.04" and cells[6] == "3.00x ± 0.06" and cells[7] == "30 %"
-    assert cells[8:] == ["100.0 [90.0, 110.0]", "90.0% [88.0, 92.0]", "0.250 [0.200, 0.300]", "0.500 [0.490, 0.510]",
+    assert cells[5] == "2.00x ± 0.04" and cells[6] == "3.00x ± 0.06" and cells[7] == "30 %" and cells[8] == "12 %"
+    assert cells[9:] == ["100.0 [90.0, 110.0]", "90.0% [88.0, 92.0]", "0.250 [0.200, 0.300]", "0.500 [0.490, 0.510]",
                          ">= 2x"]
