@@ -151,6 +151,42 @@ def fd_bootstrap_ci(fake_ND: np.ndarray, ref_feats_MD: np.ndarray | None = None,
     return interval(low, high, level, f"basic bootstrap over {sides}, {n_boot} resamples, seed {seed}")
 
 
+def fd_paired_difference_ci(fake_a_ND: np.ndarray, fake_b_ND: np.ndarray, ref_feats_MD: np.ndarray | None = None,
+                            ref_mu=None, ref_sigma=None, *, n_boot: int = DEFAULT_BOOT, level: float = DEFAULT_LEVEL,
+                            seed: int = 0) -> dict:
+    """Basic bootstrap interval of FD(a) - FD(b) for two sample sets made on the same items (row i of a and of b:
+    the same label and seed, two samplers). Each resample draws the same rows from both sets (and one resample of
+    the reference, shared), so what the two sets share cancels: a much tighter interval than comparing two
+    separate FD intervals. `significant` when it excludes 0."""
+    a, b = np.asarray(fake_a_ND, np.float64), np.asarray(fake_b_ND, np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"paired FD needs sample sets of equal shape (the same items), got {a.shape} and {b.shape}")
+    rng = np.random.default_rng(seed)
+    n = len(a)
+    w = np.concatenate([np.ones((1, n)), rng.multinomial(n, np.full(n, 1 / n), size=n_boot)]).astype(np.float64)
+    mu_a, s_a = _weighted_stats(a, w)
+    mu_b, s_b = _weighted_stats(b, w)
+    if ref_feats_MD is not None:
+        r = np.asarray(ref_feats_MD, np.float64)
+        v = np.concatenate([np.ones((1, len(r))), rng.multinomial(len(r), np.full(len(r), 1 / len(r)), size=n_boot)])
+        mu_r, s_r = _weighted_stats(r, v.astype(np.float64))
+        sides = "paired samples and reference"
+    else:
+        if ref_mu is None or ref_sigma is None:
+            raise ValueError("fd_paired_difference_ci needs reference features or reference mu/sigma")
+        mu_r = np.broadcast_to(np.asarray(ref_mu, np.float64)[None], mu_a.shape)
+        s_r = np.broadcast_to(np.asarray(ref_sigma, np.float64)[None], s_a.shape)
+        sides = "paired samples (reference statistics fixed)"
+    diff = fd_batched(mu_r, s_r, mu_a, s_a) - fd_batched(mu_r, s_r, mu_b, s_b)
+    estimate = float(diff[0])
+    q_lo, q_hi = _percentile(diff[1:], level)
+    out = interval(2 * estimate - q_hi, 2 * estimate - q_lo, level,
+                   f"basic bootstrap of FD(a) - FD(b) over {sides}, {n_boot} resamples, seed {seed}")
+    out["estimate"] = estimate
+    out["significant"] = not out["low"] <= 0 <= out["high"]
+    return out
+
+
 # ---- KID ---------------------------------------------------------------------------------------------------
 def _within(k_NN: np.ndarray, w_BN: np.ndarray) -> np.ndarray:
     """Mean kernel over pairs of *different* original points of each weighted resample."""

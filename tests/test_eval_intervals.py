@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
-from eval.intervals import (bootstrap_ci, fd_bootstrap_ci, kid_bootstrap_ci, mean_ci, metric_intervals,
-                            paired_difference_ci, significantly_different, wilson_ci)
+from eval.intervals import (bootstrap_ci, fd_bootstrap_ci, fd_paired_difference_ci, kid_bootstrap_ci, mean_ci,
+                            metric_intervals, paired_difference_ci, significantly_different, wilson_ci)
 
 SEEDS = 100
 
@@ -62,6 +62,36 @@ def test_fd_interval_covers_the_true_distance_between_gaussians():
         # the reference known exactly (stored statistics): only the sample side is resampled
         fixed_hits += _covered(fd_bootstrap_ci(x, None, [1.5, 0, 0, 0], np.eye(4), n_boot=100, seed=seed), truth)
     assert both_hits >= 90 and fixed_hits >= 90, (both_hits, fixed_hits)
+
+
+def test_paired_fd_difference_covers_the_closed_form_and_is_tighter_than_two_intervals():
+    # a ~ N(0, I), b = a + delta + 0.3 eta (the same items, a second sampler), reference N(1.5 e1, I), d = 4:
+    # FD(a) = 2.25, FD(b) = (1.5 - 0.5)^2 + 4 (1.09) + 4 - 8 sqrt(1.09)
+    d, eps = 4, 0.3
+    truth = 2.25 - (1.0 + d * (1 + eps**2) + d - 2 * d * np.sqrt(1 + eps**2))
+    ref_mu, ref_sigma = np.array([1.5, 0, 0, 0]), np.eye(d)
+    hits, paired_width, separate_width = 0, 0.0, 0.0
+    for seed in range(SEEDS):
+        rng = np.random.default_rng(seed)
+        a = rng.normal(size=(300, d))
+        b = a + np.array([0.5, 0, 0, 0]) + eps * rng.normal(size=(300, d))
+        ci = fd_paired_difference_ci(a, b, None, ref_mu, ref_sigma, n_boot=100, seed=seed)
+        hits += _covered(ci, truth)
+        assert ci["estimate"] == pytest.approx(_fd(a, ref_mu, ref_sigma) - _fd(b, ref_mu, ref_sigma), rel=1e-6)
+        paired_width += ci["high"] - ci["low"]
+        one, two = (fd_bootstrap_ci(x, None, ref_mu, ref_sigma, n_boot=100, seed=seed) for x in (a, b))
+        separate_width += (one["high"] - one["low"]) + (two["high"] - two["low"])
+    assert hits >= 90, hits
+    assert paired_width < 0.5 * separate_width
+    same = fd_paired_difference_ci(a, a.copy(), rng.normal(size=(200, d)), n_boot=50)
+    assert same["low"] == same["high"] == 0.0 and not same["significant"]
+    with pytest.raises(ValueError, match="equal shape"):
+        fd_paired_difference_ci(a, b[:10], None, ref_mu, ref_sigma)
+
+
+def _fd(x, mu, sigma):
+    from eval.frechet import frechet_distance
+    return frechet_distance(x.mean(0), np.cov(x, rowvar=False), mu, sigma)
 
 
 def test_fd_interval_at_zero_distance_stays_non_negative_and_covers_zero():
