@@ -37,26 +37,17 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from eval.intervals import mean_ci
 from samplers import build_sampler, sampler_class
 from samplers.cli import SHIPPED, load_models, parse_sampler_args, parse_sampler_spec, parse_var_overrides
 from benchmarks.measure import matmul_peak_flops, process_rss_bytes, sync
-from training.images import psnr
+from benchmarks.quality import ProxyQuality, mean_psnr, paired_fd
 
 ENGINE_KEYS = ("compile", "rng", "precision")  # Sampler keywords, as opposed to accelerator options
 
 
 # ---- measurements (process memory, device sync and the matmul peak: benchmarks/measure.py) ---------------
-
-
-def mean_psnr(a_N3HW: torch.Tensor, b_N3HW: torch.Tensor) -> float:
-    """Mean over images of the one per-image PSNR (training.images.psnr); +inf when all images are equal."""
-    per_image = psnr(a_N3HW, b_N3HW)
-    finite = per_image[torch.isfinite(per_image)]
-    return float("inf") if finite.numel() == 0 else float(finite.mean())
 
 
 def summarise(times: list[float], batch: int, threshold: float) -> dict:
@@ -101,58 +92,6 @@ class TransformerMeter:
 
     def __exit__(self, *exc):
         del self.var.run_blocks, self.var.logits
-
-
-class ProxyQuality:
-    """Offline proxy quality of a sampler (eval/: classifier-feature Fréchet distance vs the real Fashion-MNIST
-    test set, and classifier accuracy on the intended labels) from `count` class-balanced images."""
-
-    def __init__(self, classifier: str, data: str, count: int, batch: int, seed: int, device: torch.device):
-        from eval.harness import fashion_mnist_reference
-        from eval.proxy import load_classifier
-        self.net = load_classifier(classifier, device)
-        self.reference = fashion_mnist_reference(data, self.net, device=device)
-        self.count, self.batch, self.seed, self.device = count, batch, seed, device
-
-    def __call__(self, sampler, num_classes: int, sample_kwargs: dict, baseline: dict | None = None):
-        """Scores of `sampler`; with `baseline` (what this returned for the baseline sampler, same labels and
-        seeds) also per-image PSNR and token agreement against its images, with t intervals."""
-        import warnings
-
-        from eval.data import ArraySource
-        from eval.harness import evaluate
-        from samplers.seeding import image_seed
-        labels = torch.arange(self.count, device=self.device) % num_classes
-        arrays, images, tokens = [], [], []
-        for start in range(0, self.count, self.batch):
-            idx = list(range(start, min(start + self.batch, self.count)))
-            out = sampler.sample(labels[idx], seed=[image_seed(self.seed, 10**6 + i) for i in idx], **sample_kwargs)
-            arrays.append(out.images.mul(255).add_(0.5).clamp_(0, 255).byte().permute(0, 2, 3, 1).cpu().numpy())
-            images.append(out.images.cpu())
-            tokens.append(torch.cat(out.tokens, dim=1).cpu())
-        images_N3HW, tokens_NL = torch.cat(images), torch.cat(tokens)
-        source = ArraySource(np.concatenate(arrays), "benchmark samples", labels.cpu().numpy())
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # rank-deficiency is expected and stated for small counts
-            report = evaluate(self.net, source, self.reference, prefix="proxy_", labels=source.labels,
-                              compute_is=False, device=self.device, kid_subset_size=min(1000, self.count),
-                              bootstrap=200, ci_seed=self.seed)
-        m, ci = report["metrics"], report.get("intervals", {})
-        out = {key: m[key] for key in ("proxy_fd", "proxy_accuracy", "proxy_precision", "proxy_recall") if key in m}
-        out["proxy_images"] = self.count
-        for key in ("proxy_fd", "proxy_accuracy", "proxy_precision", "proxy_recall"):  # 95 % intervals
-            if key in ci:
-                out[f"{key}_ci"] = [ci[key]["low"], ci[key]["high"]]
-        if baseline is not None:
-            psnr_N = psnr(images_N3HW, baseline["images"]).numpy()
-            agree_N = (tokens_NL == baseline["tokens"]).float().mean(1).numpy()
-            out["quality_psnr_db"] = mean_psnr(images_N3HW, baseline["images"])
-            out["quality_token_agreement"] = float(agree_N.mean())
-            if np.isfinite(psnr_N).sum() >= 2:
-                out["quality_psnr_db_ci"] = [(c := mean_ci(psnr_N))["low"], c["high"]]
-            if agree_N.std() > 0:
-                out["quality_token_agreement_ci"] = [(c := mean_ci(agree_N))["low"], c["high"]]
-        return out, {"images": images_N3HW, "tokens": tokens_NL}
 
 
 # ---- contenders ------------------------------------------------------------------------------------------------
@@ -498,25 +437,31 @@ def run(args) -> dict:
     for r in rows:
         if "transformer" in r:
             r["transformer"]["fraction_of_matmul_peak"] = r["transformer"]["achieved_flops_per_s"] / meta["matmul_peak_flops"]
+    result = {"meta": meta, "rows": rows, "checks": checks}
     if args.proxy_classifier:
-        add_proxy_quality(args, specs, var, vae, extras, sampling, rows, max(batch_sizes))
-    return {"meta": meta, "rows": rows, "checks": checks}
+        paired = add_proxy_quality(args, specs, var, vae, extras, sampling, rows, max(batch_sizes))
+        if paired:
+            result["paired_fd"] = paired
+    return result
 
 
-def add_proxy_quality(args, specs, var, vae, extras, sampling, rows, batch) -> None:
+def add_proxy_quality(args, specs, var, vae, extras, sampling, rows, batch) -> list[dict]:
+    """Proxy scores into the rows of the largest batch; returns the --paired-fd comparisons."""
     device = var.class_emb.weight.device
     quality = ProxyQuality(args.proxy_classifier, args.proxy_data, args.quality_images, batch, args.seed, device)
-    baseline = None
+    baseline, features = None, {}
     for s in sorted(specs, key=lambda s: s.label != args.baseline):  # the baseline first: the others compare with it
         if s.name == "reference":
             continue
         c = build_contender(s, var, vae, extras, torch.zeros(1, dtype=torch.long, device=device), args, sampling, None)
         scores, outputs = quality(c.sampler, var.num_classes, sampling, baseline)
+        features[s.label] = outputs["features"]
         if s.label == args.baseline:
             baseline = outputs
         for r in rows:
             if r["sampler"] == s.label and r["batch"] == batch:
                 r.update(scores)
+    return paired_fd(quality, features, args.paired_fd)
 
 
 def split_specs(text: str) -> list[str]:
@@ -538,6 +483,14 @@ def _jsonable(obj):
     if isinstance(obj, torch.Tensor):
         return obj.tolist()
     return obj if isinstance(obj, (int, float, str, bool, type(None))) else str(obj)
+
+
+def _spec_pair(text: str) -> tuple[str, str]:
+    a, sep, b = text.partition("..")
+    if not sep or not a or not b:
+        raise argparse.ArgumentTypeError(f"expected two sampler specs as A..B (e.g. dd:schedule=1step..dd:schedule=2step), "
+                                         f"got {text!r}")
+    return a, b
 
 
 def _batch_repeats(text: str) -> list[tuple[int, int]]:
@@ -584,6 +537,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="add offline proxy quality (e.g. eval/weights/fmnist_classifier.safetensors)")
     p.add_argument("--proxy-data", default="/usr/share/datasets/fashion-mnist", help="real Fashion-MNIST folder")
     p.add_argument("--quality-images", type=int, default=500, help="images per sampler for the proxy column")
+    p.add_argument("--paired-fd", type=_spec_pair, action="append", default=[], metavar="A..B",
+                   help="repeatable, with --proxy-classifier: FD(A) - FD(B) with a paired 95 %% interval (two "
+                        "--sampler specs; the same labels and seeds make the images pairs)")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--reference-checkout", default=None,
                    help="path to a checkout of the public VAR repository, for --sampler reference")

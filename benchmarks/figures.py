@@ -20,9 +20,9 @@ from PIL import Image, ImageDraw
 
 from benchmarks.plot import ROOT, write_provenance
 from benchmarks.plotting import load_font
+from benchmarks.quality import mean_psnr
 from samplers import build_sampler
 from training.atomic import atomic_write
-from training.images import psnr
 from training.checkpoint import load_any
 from training.data import FASHION_MNIST_CLASSES, FashionMNIST
 
@@ -74,10 +74,6 @@ def grid(rows: list[list[Image.Image]], headers: list[str], row_labels: list[str
             sheet.paste(im, (x, y))
             d.rectangle((x - 1, y - 1, x + tile, y + tile), outline=(160, 160, 160))  # tiles stay apart from the page
     return sheet
-
-
-def mean_psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float(psnr(a, b).mean())
 
 
 def editing_figure(var, vae, ds: FashionMNIST, settings: dict) -> Image.Image:

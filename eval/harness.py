@@ -146,9 +146,10 @@ def fashion_mnist_reference(root: str | Path, net, image_size: int | None = None
 
 def evaluate(net, source: ImageSource, reference: Reference, *, prefix: str = "", batch_size: int = 100,
              device=None, labels: np.ndarray | None = None, compute_is: bool = True, bootstrap: int = 0,
-             ci_seed: int = 0, ci_level: float = 0.95, **metric_kwargs) -> dict:
+             ci_seed: int = 0, ci_level: float = 0.95, keep_features: bool = False, **metric_kwargs) -> dict:
     """Features of `source` with `net`, then every metric the features and the reference allow; with
-    `bootstrap` > 0 also their confidence intervals (eval.intervals.metric_intervals)."""
+    `bootstrap` > 0 also their confidence intervals (eval.intervals.metric_intervals); with `keep_features` the
+    features themselves under "features" (arrays: not for a JSON report)."""
     keys = tuple(k for k in net.feature_names if k != "spatial" or "mu_s" in reference.stats)
     t0 = time.perf_counter()
     feats = extract_features(net, source, batch_size, device, desc=f"sample features ({net.name})", keys=keys)
@@ -166,6 +167,8 @@ def evaluate(net, source: ImageSource, reference: Reference, *, prefix: str = ""
                                                n_boot=bootstrap, seed=ci_seed, level=ci_level)
     report["timings_s"] = {"features": round(t1 - t0, 3), "metrics": round(t2 - t1, 3),
                            "intervals": round(time.perf_counter() - t2, 3)}
+    if keep_features:
+        report["features"] = feats
     return report
 
 

@@ -162,9 +162,34 @@ def test_benchmark_proxy_quality_column(tmp_path):
     benchmark.main(models + ["--sampler", "default", "--sampler", "edit", "--batch-sizes", "4", "--repeats", "1",
                              "--warmup", "0", "--peak-matmul-size", "128", "--proxy-classifier",
                              str(repo / "eval" / "weights" / "fmnist_classifier.safetensors"), "--quality-images", "20",
-                             "--out", str(out)])
-    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+                             "--paired-fd", "default..edit", "--out", str(out)])
+    result = json.loads(out.with_suffix(".json").read_text())
+    rows = result["rows"]
     assert [r["proxy_images"] for r in rows] == [20, 20]
     assert rows[0]["proxy_fd"] == rows[1]["proxy_fd"] > 0  # same seeds, same images
+    [pair] = result["paired_fd"]
+    assert (pair["a"], pair["b"], pair["fd_difference"], pair["ci"], pair["significant"]) == ("default", "edit", 0.0,
+                                                                                             [0.0, 0.0], False)
     assert 0.0 <= rows[0]["proxy_accuracy"] <= 1.0
     assert "proxy FD" in out.with_suffix(".md").read_text()
+
+
+def test_paired_fd_is_the_difference_of_the_two_fds_and_names_unknown_specs():
+    from types import SimpleNamespace
+
+    from benchmarks.quality import paired_fd
+    from eval.frechet import frechet_distance
+    rng = np.random.default_rng(0)
+    real = rng.normal(size=(400, 5))
+    ref = SimpleNamespace(feats={"pool": real}, stats={"mu": real.mean(0), "sigma": np.cov(real, rowvar=False)})
+    quality = SimpleNamespace(reference=ref, seed=0)
+    a = rng.normal(size=(200, 5)) + 0.5
+    feats = {"x": a, "y": a + 0.1 * rng.normal(size=a.shape)}
+    [pair] = paired_fd(quality, feats, [("x", "y")])
+    fd = {k: frechet_distance(v.mean(0), np.cov(v, rowvar=False), ref.stats["mu"], ref.stats["sigma"]) for k, v in feats.items()}
+    assert pair["fd_difference"] == pytest.approx(fd["x"] - fd["y"], rel=1e-6)
+    assert pair["ci"][0] <= pair["fd_difference"] <= pair["ci"][1] and "paired" in pair["method"]
+    with pytest.raises(ValueError, match="no proxy scores for 'z'"):
+        paired_fd(quality, feats, [("x", "z")])
+    with pytest.raises(SystemExit):
+        benchmark.build_parser().parse_args(["--paired-fd", "default"])
