@@ -8,18 +8,9 @@ Schedules (option `schedule`):
            codes, the teacher regenerates scales [teacher_start, t2) by ordinary stochastic sampling
            (cfg / top_k / top_p / temperature of `sample`, teacher-forcing the scales before), then a
            student step at t = t2 with the original noise.
-Scales < loss_split are read from the classifier head; the others use the continuous head's vectors as they
-are (not snapped) in f_hat; `tokens` reports their nearest codes. Guidance is baked into the student's data,
-so cfg only affects the teacher's scales of the `teacher` schedule.
-
-Classifier-head readout (option `readout`):
-  argmax  DD1's: the most likely token. A student that has not resolved how a token depends on its noise
-          returns the mode of what it has learned (a class-typical token), whatever the noise.
-  flow    the student's distribution (top-k / top-p / temperature of `sample`, as the teacher's data were made)
-          mapped through the flow map with the token's own noise (`readout_steps` ODE steps): still a
-          deterministic noise -> token map, and the one the student approximates. Where the student is sure
-          (one-hot) both readouts agree; where it is unsure, the draw keeps the diversity argmax removes.
-          Not in DD1: an extension for students trained far below DD1's budget (reported beside argmax).
+Scales < loss_split are read by argmax of the classifier head; the others use the continuous head's vectors
+as they are (not snapped) in f_hat; `tokens` reports their nearest codes. Guidance is baked into the
+student's data, so cfg/top-k/top-p/temperature only affect the teacher's scales of the `teacher` schedule.
 The noise is drawn scale by scale from the generator(s), in the order the `flow` sampler draws it: with the
 same seed(s) the student maps the noise the teacher's flow sampling would have mapped.
 """
@@ -28,10 +19,9 @@ from __future__ import annotations
 import torch
 
 from samplers.base import Accelerator, register_sampler, sampler_class
-from samplers.dd.flow_map import FlowMapConfig, flow_tokens, gaussian_rows
+from samplers.dd.flow_map import gaussian_rows
 from samplers.dd.student import DDStudent
 from samplers.engine import OneShotStage, Plan, VARStage
-from samplers.rules import CategoricalDraw
 from samplers.sjd.drafts import register_draft_source
 from samplers.sjd.speculation import Draft, DraftSource
 from samplers.stats import SamplerStats
@@ -40,7 +30,6 @@ from training.checkpoint import check_models_compatible
 from var import VAR
 
 SCHEDULES = ("1step", "2step", "teacher")
-READOUTS = ("argmax", "flow")
 
 
 def check_student(student, var: VAR | None, vae: VQVAE, what: str = "student") -> None:
@@ -58,15 +47,11 @@ def draw_noise(student: DDStudent, batch: int, generator, device) -> list[torch.
 
 
 class StudentRunner:
-    """One student forward from (tokens of scales < t, noise of scales >= t) to per-scale outputs. With `law`
-    (logits (B, l, V), scale -> processed probabilities), classifier-head scales are read by the flow map of
-    each token's noise through that law instead of argmax (the `flow` readout)."""
+    """One student forward from (tokens of scales < t, noise of scales >= t) to per-scale outputs."""
 
-    def __init__(self, student: DDStudent, vae: VQVAE, loss_split: int | None = None, law=None,
-                 flow_config: FlowMapConfig | None = None):
+    def __init__(self, student: DDStudent, vae: VQVAE, loss_split: int | None = None):
         self.student, self.vae = student, vae
         self.loss_split = student.loss_split if loss_split is None else loss_split
-        self.law, self.flow_config = law, flow_config or FlowMapConfig()
 
     def codes(self, idx_Bl: torch.Tensor) -> torch.Tensor:
         return self.vae.quantize.embedding(idx_Bl).float()
@@ -88,11 +73,7 @@ class StudentRunner:
             if s < t:
                 idx, vec = tokens[s], self.codes(tokens[s])
             elif s < self.loss_split:
-                if self.law is None:
-                    idx = logits_BLV[:, sl].argmax(-1)
-                else:
-                    codebook_VC = self.vae.quantize.embedding.weight
-                    idx = flow_tokens(noise[s], self.law(logits_BLV[:, sl], s), codebook_VC, self.flow_config)
+                idx = logits_BLV[:, sl].argmax(-1)
                 vec = self.codes(idx)
             else:
                 vec = cont_BLC[:, sl]
@@ -116,7 +97,6 @@ class StudentStage(OneShotStage):
     def generate(self, engine):
         K = self.dd.student.num_scales
         committed = list(engine.state.tokens) + [None] * (K - self.begin)
-        self.dd.runner.law = self.dd.readout_law(engine)
         tokens, vecs = self.dd.runner.step(engine.labels_B, self.dd.noise, committed, self.begin, engine.stats)
         return [(tokens[s], None if self.snap else vecs[s]) for s in range(self.begin, self.end)]
 
@@ -140,22 +120,14 @@ class DD(Accelerator):
     gives scales [t_i, t_i+1) from a forward with the scales < t_i as data; "0" is 1step, "0,t2" is 2step),
     teacher_start (first scale the teacher regenerates, teacher schedule only; default t2 - 1), loss_split
     (scales below it are read through the classifier head, the rest through the continuous head; -1: the
-    student's own), readout (argmax | flow: how classifier-head scales become tokens, see the module docstring)
-    and readout_steps (ODE steps of the flow readout). stats.forwards counts "student" and "var" (teacher)
-    forwards separately."""
+    student's own). stats.forwards counts "student" and "var" (teacher) forwards separately."""
     slots = ("stages",)
     extra_models = ("student",)
 
     def __init__(self, *, student: DDStudent | None = None, schedule: str = "1step", teacher_start: int | None = None,
-                 loss_split: int = -1, readout: str = "argmax", readout_steps: int = 32):
+                 loss_split: int = -1):
         if student is None:
             raise ValueError("the dd sampler needs a distilled student (sample.py: --model student=PATH)")
-        if readout not in READOUTS:
-            raise ValueError(f"readout must be one of {READOUTS}, got {readout!r}")
-        if readout_steps < 1:
-            raise ValueError(f"readout_steps must be >= 1, got {readout_steps}")
-        self.readout, self.flow_config = readout, FlowMapConfig(steps=readout_steps)
-        self.draw = CategoricalDraw()
         self.loss_split_option = loss_split
         if teacher_start is not None and schedule != "teacher":
             raise ValueError(f"teacher_start only applies to schedule='teacher', not {schedule!r}")
@@ -175,7 +147,7 @@ class DD(Accelerator):
         if not 0 <= self.teacher_start < t2:
             raise ValueError(f"teacher_start must be in [0, t2 - 1] = [0, {t2 - 1}] (the student's t2 is {t2}), "
                              f"got {self.teacher_start_option}")
-        self.runner = StudentRunner(self.student, sampler.vae, self.loss_split, flow_config=self.flow_config)
+        self.runner = StudentRunner(self.student, sampler.vae, self.loss_split)
         for o in others:
             if o.name in ("flow", "sjd"):
                 raise ValueError(f"dd+{o.name}: the student emits its scales in one forward from noise it draws "
@@ -196,12 +168,6 @@ class DD(Accelerator):
             plan.stages = ([StudentStage(self, 0, s, snap=True)] if s > 0 else []) + \
                           [VARStage("var", sampler.var, s, t2), StudentStage(self, t2, K)]
 
-    def readout_law(self, engine):
-        """None (argmax), or the processed law of the student's logits at scale si (the flow readout)."""
-        if self.readout == "argmax":
-            return None
-        return lambda logits_BlV, si: self.draw.law(engine, logits_BlV.float(), si)
-
     def ensure_noise(self, engine) -> None:
         """Per scale (B, n_s, Cv), drawn once per run before anything else uses the generator (the order the
         `flow` sampler draws it: with the same seed(s) the student maps the noise the teacher's flow sampling
@@ -211,7 +177,7 @@ class DD(Accelerator):
 
     def after_run(self, stats) -> None:
         st = self.student
-        stats.extra.update({"schedule": self.schedule, "t2": st.t2, "loss_split": self.loss_split, "readout": self.readout,
+        stats.extra.update({"schedule": self.schedule, "t2": st.t2, "loss_split": self.loss_split,
                             "steps": self.steps, "continuous_scales": list(range(self.loss_split, st.num_scales)),
                             "teacher_start": self.teacher_start if self.schedule == "teacher" else None})
         self.noise = None
