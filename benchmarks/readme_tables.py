@@ -348,6 +348,13 @@ def schedule_table(results: dict) -> str:
         lines.append(f"| `{short_label(spec)}` | {forwards or '—'} | " + " | ".join(speeds) + " | "
                      + " | ".join([_with_ci(q, "proxy_fd", lambda v: f"{v:.1f}"), _with_ci(q, "proxy_accuracy", pct),
                                    _with_ci(q, "proxy_precision", pct), _with_ci(q, "proxy_recall", pct)]) + " |")
+    if results.get("paired_fd"):
+        lines += ["", "Paired comparisons (the same labels and seeds for both samplers; FD(A) - FD(B) with its 95 % "
+                      "paired bootstrap interval; negative: A is closer to the real images):", "",
+                  "| A | B | FD(A) - FD(B) | significant |", "|---|---|---|---|"]
+        for p in results["paired_fd"]:
+            lines.append(f"| `{short_label(p['a'])}` | `{short_label(p['b'])}` | {p['fd_difference']:.1f} "
+                         f"[{p['ci'][0]:.1f}, {p['ci'][1]:.1f}] | {'yes' if p['significant'] else 'no'} |")
     return "\n".join(lines) + "\n"
 
 

@@ -47,3 +47,15 @@ def test_engine_blocks_show_every_row_of_their_result_file():
         rendered += 1
     if not rendered:
         pytest.skip("no engine result file committed yet")
+
+
+def test_schedule_table_shows_the_paired_fd_comparisons():
+    row = {"sampler": "dd:schedule=1step", "batch": 1, "speedup_vs_baseline": 2.0, "noisy": False,
+           "forwards": {"student": 1}, "proxy_fd": 200.0, "proxy_fd_ci": [190.0, 210.0]}
+    results = {"meta": {"date": "d", "models": {"var": "v"}, "sampling": {"cfg": 2.0, "top_k": 1, "top_p": 0.9},
+                        "baseline": "default", "repeats": 3, "noise_threshold": 0.1, "decode": True},
+               "rows": [row], "paired_fd": [{"a": "dd:schedule=2step", "b": "dd:schedule=1step", "fd_difference": -12.25,
+                                             "ci": [-20.0, -4.5], "significant": True, "method": "m"}]}
+    table = readme_tables.schedule_table(results)
+    assert "| `dd:schedule=2step` | `dd:schedule=1step` | -12.2 [-20.0, -4.5] | yes |" in table
+    assert "paired" not in readme_tables.schedule_table({**results, "paired_fd": []})
