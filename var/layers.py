@@ -10,6 +10,7 @@ from einops import rearrange
 from torch import nn
 
 from var.kv_cache import KVCache
+from var.prefix_attention import Segment, segmented_attention
 
 # observer(layer, q_BHlc, k_BHLc): the layer's queries and every key they attend to (see VAR.run_blocks)
 Observer = Callable[[int, torch.Tensor, torch.Tensor], None]
@@ -81,8 +82,14 @@ class SelfAttention(nn.Module):
         return torch.einsum("bhqc,bhlc->bhql", q_BHqc.float(), k_BHLc.float()) * self.scale
 
     def forward(self, x_BLC: torch.Tensor, attn_bias: torch.Tensor | None, cache: KVCache | None = None,
-                layer: int = 0, start: int = 0, observer: Observer | None = None) -> torch.Tensor:
+                layer: int = 0, start: int = 0, observer: Observer | None = None,
+                segments: tuple[Segment, ...] | None = None) -> torch.Tensor:
+        """segments: the prefix plan of `attn_bias` (var/prefix_attention.py), used without a cache."""
         q, k, v = self.qkv(x_BLC)
+        dropout_p = self.attn_drop if self.training else 0.0
+        if segments is not None and cache is None and observer is None:
+            out = segmented_attention(q, k, v, attn_bias, segments, self.scale, dropout_p)
+            return self.proj_drop(self.proj(rearrange(out, "b h l c -> b l (h c)")))
         if cache is not None:
             k, v = cache.append(layer, k, v, start)
             # a cache stored in another dtype (bf16 KV, fp32 compute); autocast casts for SDPA by itself
@@ -92,8 +99,7 @@ class SelfAttention(nn.Module):
             observer(layer, q, k)
         if attn_bias is not None:
             attn_bias = attn_bias.to(q.dtype)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, scale=self.scale,
-                                             dropout_p=self.attn_drop if self.training else 0.0)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, scale=self.scale, dropout_p=dropout_p)
         return self.proj_drop(self.proj(rearrange(out, "b h l c -> b l (h c)")))
 
 
@@ -128,12 +134,13 @@ class AdaLNBlock(nn.Module):
 
     def forward(self, x_BLC: torch.Tensor, cond: torch.Tensor, attn_bias: torch.Tensor | None,
                 cache: KVCache | None = None, layer: int = 0, start: int = 0,
-                observer: Observer | None = None, mid_residual: torch.Tensor | None = None) -> torch.Tensor:
+                observer: Observer | None = None, mid_residual: torch.Tensor | None = None,
+                segments: tuple[Segment, ...] | None = None) -> torch.Tensor:
         """mid_residual: a tensor added to the stream between the attention and FFN branches (the distilled
-        student's slot-type injection); None for the VAR itself."""
+        student's slot-type injection); None for the VAR itself. segments: see SelfAttention.forward."""
         gamma1, gamma2, scale1, scale2, shift1, shift2 = self.modulation(cond)
         h = layer_norm(x_BLC, self.norm_eps).mul(scale1.add(1)).add_(shift1)
-        x_BLC = x_BLC + self.drop_path(self.attn(h, attn_bias, cache, layer, start, observer).mul_(gamma1))
+        x_BLC = x_BLC + self.drop_path(self.attn(h, attn_bias, cache, layer, start, observer, segments).mul_(gamma1))
         if mid_residual is not None:
             x_BLC = x_BLC + mid_residual.to(x_BLC.dtype)
         h = layer_norm(x_BLC, self.norm_eps).mul(scale2.add(1)).add_(shift2)

@@ -17,6 +17,7 @@ from torch import nn
 from var.config import VARConfig
 from var.kv_cache import KVCache
 from var.layers import AdaLNBeforeHead, AdaLNBlock, Observer, SharedAdaLin
+from var.prefix_attention import Segment, prefix_segments
 
 
 class VAR(nn.Module):
@@ -124,6 +125,7 @@ class VAR(nn.Module):
             raise ValueError(f"the cache holds {cache.seq_len} positions but the tokens start at position {begin}; "
                              f"feed scales in order or truncate the cache first")
         new_mask = self.attn_bias_for_masking[:, :, begin:end, begin:end]
+        segments = self.prefix_segments(end) if cache is None else None
         single_scale = ends.index(end) == scale_begin  # Python, not a tensor test: no graph break when compiled
         cond = self.shared_ada_lin(cond_BD)
         device_type = x_BLC.device.type
@@ -138,10 +140,19 @@ class VAR(nn.Module):
             else:
                 visible_history = new_mask.new_zeros(1, 1, end - begin, cache.layer_len(i))
                 bias = torch.cat((visible_history, new_mask), dim=-1)
-            x_BLC = block(x_BLC, cond, bias, cache, i, begin, observer)
+            x_BLC = block(x_BLC, cond, bias, cache, i, begin, observer, segments=segments)
         if cache is not None:
             cache.seq_len = end
         return x_BLC
+
+    def prefix_segments(self, end: int) -> tuple[Segment, ...]:
+        """The prefix-attention plan of the block-causal mask over positions [0, end) (planned once per end)."""
+        plans = self.__dict__.setdefault("_prefix_plans", {})
+        if end not in plans:
+            lvl_L = self.lvl_1L[0, :end].cpu()
+            bounds = [e for _, e in self.begin_ends if e <= end]
+            plans[end] = prefix_segments(lvl_L[:, None] >= lvl_L[None, :], bounds)
+        return plans[end]
 
     def logits(self, h_BLC: torch.Tensor, cond_BD: torch.Tensor) -> torch.Tensor:
         return self.head(self.head_nm(h_BLC.float(), cond_BD).float()).float()

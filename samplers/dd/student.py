@@ -24,6 +24,7 @@ from training.checkpoint import register_kind
 from var.config import VARConfig
 from var.layers import layer_norm
 from var.model import VAR
+from var.prefix_attention import prefix_segments
 
 DATA, NOISE = 0, 1  # rows of the slot-type table
 
@@ -79,6 +80,8 @@ class DDStudent(nn.Module):
         self.register_buffer("scale_of_token_L", lvl_S[1:] - 1, persistent=False)
         bias = torch.zeros(lvl_S.numel(), lvl_S.numel()).masked_fill_(~level_sibling_mask(c.patch_nums), float("-inf"))
         self.register_buffer("attn_bias", bias[None, None], persistent=False)
+        level_ends = torch.cumsum(torch.bincount(lvl_S), 0).tolist()
+        self.attn_segments = prefix_segments(level_sibling_mask(c.patch_nums), level_ends)
         if init:
             self.init_new_weights()
 
@@ -176,7 +179,7 @@ class DDStudent(nn.Module):
             dtype = torch.get_autocast_dtype(device_type)
             x_BSC, cond = x_BSC.to(dtype), cond.to(dtype)
         for block, proj in zip(bb.blocks, self.type_proj):  # the teacher's own block code, plus the type injection
-            x_BSC = block(x_BSC, cond, self.attn_bias, mid_residual=proj(type_BSC))
+            x_BSC = block(x_BSC, cond, self.attn_bias, mid_residual=proj(type_BSC), segments=self.attn_segments)
         h_BLC = (x_BSC + self.type_proj[-1](type_BSC).to(x_BSC.dtype))[:, 1:].float()
         logits_BLV = bb.logits(h_BLC, cond_BD)
         scale, shift = self.cont_ada(labels_B.long()).view(B, 1, 2, -1).float().unbind(2)
