@@ -284,19 +284,27 @@ class Interrupt(Exception):
     pass
 
 
-def test_train_py_dd_job_resumes_exactly_and_exports_a_loadable_student(tmp_path, pair, monkeypatch):
-    import train
-    from samplers.cli import load_models
-    from training.checkpoint import load_model, read_metadata, save_model
-    from samplers.dd.data import load_dd_config
-    from training.trainer import Trainer
+def write_dd_config(tmp_path, var, vae):
+    """The teacher and tokenizer files and a dd.toml pointing at them (data in tmp_path / "data")."""
+    from training.checkpoint import save_model
 
-    var, vae = pair
     save_model(tmp_path / "teacher.safetensors", var)
     save_model(tmp_path / "tok.safetensors", vae)
     cfg_path = tmp_path / "dd.toml"
     cfg_path.write_text(DD_TOML.format(teacher=tmp_path / "teacher.safetensors", tokenizer=tmp_path / "tok.safetensors",
                                        data=tmp_path / "data"))
+    return cfg_path
+
+
+def test_train_py_dd_job_resumes_exactly_and_exports_a_loadable_student(tmp_path, pair, monkeypatch):
+    import train
+    from samplers.cli import load_models
+    from training.checkpoint import load_model, read_metadata
+    from samplers.dd.data import load_dd_config
+    from training.trainer import Trainer
+
+    var, vae = pair
+    cfg_path = write_dd_config(tmp_path, var, vae)
     with pytest.raises(FileNotFoundError, match="no manifest.json"):
         train.main(["dd", "--config", str(cfg_path), "--set", f"train.out_dir={tmp_path / 'none'}"])
     dd = load_dd_config(str(cfg_path), [])
@@ -334,14 +342,10 @@ def test_dd_job_trains_at_the_configured_timesteps_and_scores_held_out_pairs(tmp
     and the logged val_t{t}_* are the exported student's metrics on them at each timestep."""
     import train
     import samplers.dd.job as job_module
-    from training.checkpoint import load_model, save_model
+    from training.checkpoint import load_model
 
     var, vae = pair
-    save_model(tmp_path / "teacher.safetensors", var)
-    save_model(tmp_path / "tok.safetensors", vae)
-    cfg_path = tmp_path / "dd.toml"
-    cfg_path.write_text(DD_TOML.format(teacher=tmp_path / "teacher.safetensors", tokenizer=tmp_path / "tok.safetensors",
-                                       data=tmp_path / "data"))
+    cfg_path = write_dd_config(tmp_path, var, vae)
     generate(small_cfg(tmp_path, data_dir=str(tmp_path / "data"), num_samples=16, shard_size=8, seed=0, cfg=1.5,
                        top_k=8, flow_steps=8), var, vae, show_progress=False)
     seen_t, fetched = [], {True: set(), False: set()}
