@@ -54,15 +54,26 @@ CASES = (
     Case("sjd:draft=random", "Block-SJD, random drafts", "(no paper figure)", ">= 0.95x at batch 16"),
     Case("sjd:draft=var", "Block-SJD, small-VAR drafts", "(no paper figure)", ">= 0.95x at batch 16"),
     Case("sjd:draft=dd", "Block-SJD, DD-student drafts", "(no paper figure)", ">= 0.95x at batch 16"),
+    Case("sjd:draft=jacobi,window_policy=adaptive", "Block-SJD, Jacobi drafts, adaptive windows", "(no paper figure)",
+         ">= 0.95x at batch 16"),
+    Case("sjd:draft=var,window_policy=adaptive", "Block-SJD, small-VAR drafts, adaptive windows", "(no paper figure)",
+         ">= 0.95x at batch 16"),
     Case("dd:schedule=1step", "DD1 VAR-d16, 1 step", "6.3x, FID 4.19 -> 9.94", ">= 6x at batch 1, FD <= 2x teacher"),
     Case("dd:schedule=2step", "DD1 VAR-d16, 2 steps", "3.7x, FID 7.82", "FD <= 2x teacher"),
     Case("dd:schedule=teacher", "DD1 + teacher, 3 steps", "2.6x, FID 6.54"),
+    Case("dd:schedule=teacher,teacher_start=0", "DD1 + teacher, 6 steps", "1.5x, FID 5.03"),
     Case(f"code+scalekv:draft_scales=8,scalekv.calibration={CAL},"
          f"scalekv.refiner_calibration={SUB}/scalekv_refiner.json,budget_frac=0.25", "CoDe N = 8 + ScaleKV 25 %",
          "(not in either paper)"),
     Case("code+sjd:draft_scales=8,draft=jacobi", "CoDe N = 8 + Block-SJD", "(not in either paper)"),
     Case(f"sjd+scalekv:draft=var,calibration={CAL},budget_frac=0.25", "Block-SJD + ScaleKV 25 %", "(not in either paper)"),
 )
+
+
+# DD1's ordering (more teacher involvement, better images) and each schedule against the teacher itself
+PAIRED = (("dd:schedule=2step", "dd:schedule=1step"), ("dd:schedule=teacher", "dd:schedule=2step"),
+          ("dd:schedule=teacher,teacher_start=0", "dd:schedule=teacher"), ("dd:schedule=1step", "default"),
+          ("code:draft_scales=8", "default"), ("code:draft_scales=6", "default"))
 
 
 def bench_argv(args, decode: bool) -> list[str]:
@@ -76,6 +87,8 @@ def bench_argv(args, decode: bool) -> list[str]:
         argv += ["--sampler", case.spec]
     if decode:
         argv += ["--proxy-classifier", args.proxy_classifier, "--quality-images", str(args.quality_images)]
+        for a, b in PAIRED:
+            argv += ["--paired-fd", f"{a}..{b}"]
     else:
         argv.append("--no-decode")
     return argv
@@ -144,6 +157,14 @@ def markdown(result: dict) -> str:
                                                               kv_cell(full, s, batches[-1], "kv_kept_ratio_vs_baseline")] +
                  quality_cells(_row(full, s), recall=True) + [case["target"] or "—"])
         lines.append("| " + " | ".join(cells) + " |")
+    if full.get("paired_fd"):
+        lines += ["", "Paired FD differences (the same labels and seeds for both samplers; 95 % paired bootstrap "
+                      "interval; negative: A is closer to the real images):", "",
+                  "| A | B | FD(A) - FD(B) | significant |", "|---|---|---|---|"]
+        for p in full["paired_fd"]:
+            a, b = (x.replace(f"{SUB}/", "") for x in (p["a"], p["b"]))
+            lines.append(f"| `{a}` | `{b}` | {p['fd_difference']:.1f} [{p['ci'][0]:.1f}, {p['ci'][1]:.1f}] | "
+                         f"{'yes' if p['significant'] else 'no'} |")
     return "\n".join(lines) + "\n"
 
 

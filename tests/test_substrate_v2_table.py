@@ -37,11 +37,14 @@ def test_table_cells_come_from_their_rows():
             "rows": [_row("default", 1, 1.0), _row("default", 16, 1.0, kv_bytes_ratio_vs_baseline=1.0),
                      _row(spec, 1, 1.8), _row(spec, 16, 2.4, iqr_frac=0.2, noisy=True, kv_bytes_ratio_vs_baseline=0.3,
                                               kv_kept_ratio_vs_baseline=0.125, **quality)]}
+    full["paired_fd"] = [{"a": spec, "b": "default", "fd_difference": 4.25, "ci": [1.0, 7.5], "significant": True}]
     fast = {"rows": [_row(spec, 1, 2.0), _row(spec, 16, 3.0)]}
     cases = [{"spec": spec, "setting": "CoDe N = 8", "paper": "1.7x", "target": ">= 2x"}]
     result = {"meta": {"date": "d", "models": "m", "repeats": 3, "quality_images": 10, "cases": cases},
               "runs": {"full": full, "no_decode": fast}}
-    rows = [line for line in substrate_v2.markdown(result).splitlines() if f"`{spec}`" in line]
+    table = substrate_v2.markdown(result)
+    assert f"| `{spec}` | `default` | 4.2 [1.0, 7.5] | yes |" in table
+    rows = [line for line in table.splitlines() if f"`{spec}`" in line and "CoDe" in line]
     assert len(rows) == 1
     cells = [c.strip() for c in rows[0].strip("|").split("|")]
     assert cells[:3] == ["CoDe N = 8", "1.7x", f"`{spec}`"]
