@@ -41,7 +41,7 @@ import torch
 
 from samplers import build_sampler, sampler_class
 from samplers.cli import SHIPPED, load_models, parse_sampler_args, parse_sampler_spec, parse_var_overrides
-from benchmarks.measure import matmul_peak_flops, process_rss_bytes, sync
+from benchmarks.measure import count_flops, flop_counter, matmul_peak_flops, process_rss_bytes, sync
 from benchmarks.quality import ProxyQuality, mean_psnr, paired_fd
 
 ENGINE_KEYS = ("compile", "rng", "precision")  # Sampler keywords, as opposed to accelerator options
@@ -72,8 +72,7 @@ class TransformerMeter:
             sync(device)
             start = time.perf_counter()
             if self.counting:
-                from torch.utils.flop_counter import FlopCounterMode
-                with FlopCounterMode(display=False) as counter:
+                with flop_counter() as counter:
                     out = fn(*args, **kwargs)
                 self.flops += counter.get_total_flops()
             else:
@@ -299,6 +298,19 @@ def check_against_reference(var, vae, labels_B, seed, sampling, ref_c) -> dict:
             "compared": what, "max_abs_diff": diff, "bitwise_equal": diff == 0.0}
 
 
+def count_model_flops(contenders: dict, rows: dict, batch: int, baseline: str) -> None:
+    """Model FLOPs per image of one more (untimed) call of every contender of ours (benchmarks.measure.flop_counter:
+    matmuls, convolutions and attention, the decoder when it decodes; not the elementwise work such as the token
+    draw), and the baseline's over each: the speed-up a purely compute-bound device would give."""
+    for k, c in contenders.items():
+        if c.kind == "ours":
+            rows[k]["model_flops_per_image"] = count_flops(c) / batch
+    base = rows[baseline].get("model_flops_per_image")
+    for r in rows.values():
+        if base and r.get("model_flops_per_image"):
+            r["model_flop_ratio_vs_baseline"] = base / r["model_flops_per_image"]
+
+
 def run_batch(specs: list[Spec], baseline: str, var, vae, extras, batch: int, args, sampling, ref_var,
               flops_per_row: list) -> tuple[list[dict], dict]:
     device = var.class_emb.weight.device
@@ -337,6 +349,8 @@ def run_batch(specs: list[Spec], baseline: str, var, vae, extras, batch: int, ar
             rows[k] = new
         if meter_again is not None:
             meter = meter_again
+    if args.count_flops and batch == min(int(b) for b in args.batch_sizes.split(",")):
+        count_model_flops(contenders, rows, batch, baseline)
     out = list(rows.values())
     checks = {}
     if meter is not None and flops_per_row:
@@ -533,6 +547,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-threads", type=int, default=None, help="torch.set_num_threads (also set OMP_NUM_THREADS)")
     p.add_argument("--peak-matmul-size", type=int, default=2048, help="side of the square matmuls timing the peak")
     p.add_argument("--no-decode", action="store_true", help="time token generation only (decoder excluded)")
+    p.add_argument("--count-flops", action="store_true",
+                   help="also count every contender's model FLOPs per image (one more call, smallest batch)")
     p.add_argument("--proxy-classifier", default=None,
                    help="add offline proxy quality (e.g. eval/weights/fmnist_classifier.safetensors)")
     p.add_argument("--proxy-data", default="/usr/share/datasets/fashion-mnist", help="real Fashion-MNIST folder")

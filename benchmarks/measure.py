@@ -1,11 +1,13 @@
-"""Machine measurements shared by the benchmarks: process memory, device synchronisation, and the matmul peak
-every FLOP/s figure is divided by (measured in the same run, same dtype and threads)."""
+"""Machine measurements shared by the benchmarks: process memory, device synchronisation, model FLOPs (with the
+CPU attention kernel counted), and the matmul peak every FLOP/s figure is divided by (measured in the same run,
+same dtype and threads)."""
 from __future__ import annotations
 
 import os
 import time
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 try:
     import resource  # Unix only
@@ -42,3 +44,27 @@ def matmul_peak_flops(device: torch.device, dtype: torch.dtype, size: int = 2048
         best = min(best, time.perf_counter() - start)
         del c
     return 2 * size**3 * repeats / best
+
+
+# ---- model FLOPs ------------------------------------------------------------------------------------------------
+def _attention_backward_flops(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
+    """Model FLOPs of attention's backward: twice the forward's two matmuls (dQ, dK, dV, dP), no recomputation."""
+    return 2 * sdpa_flop_count(query_shape, key_shape, value_shape)
+
+def _forward_attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+# torch registers formulas for the CUDA attention kernels only; the CPU kernel would count as zero
+CPU_ATTENTION_FLOPS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _forward_attention_flops,
+                       torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _attention_backward_flops}
+
+
+def flop_counter() -> FlopCounterMode:
+    """torch's FlopCounterMode with CPU attention counted (matmuls, convolutions, attention; no elementwise work)."""
+    return FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS)
+
+
+def count_flops(fn) -> int:
+    with flop_counter() as counter:
+        fn()
+    return counter.get_total_flops()

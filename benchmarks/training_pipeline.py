@@ -45,9 +45,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-from benchmarks.measure import matmul_peak_flops
+from benchmarks.measure import count_flops, matmul_peak_flops
 from benchmarks.training_report import MFU_TARGET, SCALING_TARGET, markdown_table, save_plot
 from training.atomic import atomic_write_json
 from training.config import OptimConfig
@@ -151,20 +150,6 @@ def bench_data(args, tmp: Path) -> dict:
 
 
 # ---- training-step MFU -----------------------------------------------------------------------------------------
-def _attention_backward_flops(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
-    """Model FLOPs of attention's backward: twice the forward's two matmuls (dQ, dK, dV, dP), no recomputation."""
-    return 2 * sdpa_flop_count(query_shape, key_shape, value_shape)
-
-
-def _forward_attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
-    return sdpa_flop_count(query_shape, key_shape, value_shape)
-
-
-# torch registers formulas for the CUDA attention kernels only; the CPU kernel would count as zero
-CPU_ATTENTION_FLOPS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _forward_attention_flops,
-                       torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _attention_backward_flops}
-
-
 def make_train_step(cfg: VARConfig, batch: int, seed: int):
     """(model, step): one VAR training step on fixed random teacher-forcing input, as the VAR job's loss."""
     torch.manual_seed(seed)
@@ -186,12 +171,6 @@ def make_train_step(cfg: VARConfig, batch: int, seed: int):
         return float(loss.detach())
 
     return model, step
-
-
-def count_flops(fn) -> int:
-    with FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS) as counter:
-        fn()
-    return counter.get_total_flops()
 
 
 def bench_mfu_shape(name: str, cfg: VARConfig, batch: int, repeats: int, seed: int) -> dict:

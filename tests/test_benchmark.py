@@ -31,7 +31,7 @@ def test_benchmark_protocol_on_tiny_models(tmp_path):
     window = "scalekv:policy=window,budget_frac=0.5"
     benchmark.main(models + [a for s in specs[:3] + [window] for a in ("--sampler", s)] + [
         "--batch-sizes", "1,3", "--repeats", "2", "--warmup", "0", "--top-k", "8", "--peak-matmul-size", "128",
-        "--num-threads", "1", "--noise-threshold", "0", "--profile", "1", "--out", str(out)])
+        "--num-threads", "1", "--noise-threshold", "0", "--profile", "1", "--count-flops", "--out", str(out)])
     results = json.loads(out.with_suffix(".json").read_text())
     rows = {(r["sampler"], r["batch"]): r for r in results["rows"]}
     assert set(rows) == {(s, b) for s in specs[:3] + [window] for b in (1, 3)}
@@ -39,6 +39,11 @@ def test_benchmark_protocol_on_tiny_models(tmp_path):
     peak_len = var.begin_ends[-2][1]
     assert rows[(window, 3)]["kv_kept_ratio_vs_baseline"] == round(0.5 * peak_len) / peak_len
     assert "kv_kept_ratio_vs_baseline" not in rows[("default", 3)]
+    # model FLOPs per image at the smallest batch: the baseline's own ratio is 1; attending to half the cache in
+    # the last scales costs fewer FLOPs; the same sampler with another RNG costs the same
+    flops = {s: rows[(s, 1)]["model_flops_per_image"] for s in specs[:3] + [window]}
+    assert rows[("default", 1)]["model_flop_ratio_vs_baseline"] == 1.0 and "model_flops_per_image" not in rows[("default", 3)]
+    assert flops["default:rng=reference"] == flops["default"] > flops[window] > 0
     assert results["meta"]["protocol"] == 2 and results["meta"]["load_average_start"] is not None
     for batch in (1, 3):
         base, edit, ref_rng = (rows[(s, batch)] for s in specs[:3])
