@@ -7,11 +7,13 @@ token generation only (`--no-decode`, as CoDe's paper times it). The full-pipeli
 accuracy with a Wilson interval) and compares every image with the pair's default on the same label and seed
 (PSNR, token agreement, t intervals).
 
-  training-free: checkpoints/fmnist/var_drafter + var_refiner (the pre-trained pair, no CoDe training)
-  fine-tuned:    checkpoints/fmnist/code_drafter + code_refiner (configs/fmnist_code_{drafter,refiner}.toml)
+  training-free: MODELS/var_drafter + var_refiner (the pre-trained pair, no CoDe training)
+  fine-tuned:    MODELS/code_drafter + code_refiner (configs/fmnist*_code_{drafter,refiner}.toml)
 
-  python -m benchmarks.code_finetuned --out benchmarks/results/code_finetuned_fmnist
-  python -m benchmarks.code_finetuned --readme     # regenerate the README block from the committed JSON
+  python -m benchmarks.code_finetuned                                   # shipped 32 px pair, N = 5 of 6
+  python -m benchmarks.code_finetuned --models checkpoints/fmnist64 --draft-scales 8 \
+      --proxy-classifier eval/weights/fmnist64_classifier.safetensors   # shipped models v2, N = 8 of 10
+  python -m benchmarks.code_finetuned --readme     # regenerate the README blocks from the committed JSON
 """
 from __future__ import annotations
 
@@ -26,15 +28,26 @@ from training.errors import make_parser, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = "checkpoints/fmnist"
-PAIRS = {"training-free": (f"{SHIPPED}/var_drafter.safetensors", f"{SHIPPED}/var_refiner.safetensors"),
-         "fine-tuned": (f"{SHIPPED}/code_drafter.safetensors", f"{SHIPPED}/code_refiner.safetensors")}
-RESULT = ROOT / "benchmarks" / "results" / "code_finetuned_fmnist.json"
-MARKERS = ("<!-- code-finetuned:start -->", "<!-- code-finetuned:end -->")
+# one committed result and one README block per shipped model folder
+RESULTS = {"checkpoints/fmnist": (ROOT / "benchmarks" / "results" / "code_finetuned_fmnist.json",
+                                  ("<!-- code-finetuned:start -->", "<!-- code-finetuned:end -->")),
+           "checkpoints/fmnist64": (ROOT / "benchmarks" / "results" / "code_finetuned_fmnist64.json",
+                                    ("<!-- code-finetuned-v2:start -->", "<!-- code-finetuned-v2:end -->"))}
+RESULT, MARKERS = RESULTS[SHIPPED]
+
+
+def pairs(models: str) -> dict[str, tuple[str, str]]:
+    """The training-free and the fine-tuned (drafter, refiner) checkpoints of a shipped model folder."""
+    return {"training-free": (f"{models}/var_drafter.safetensors", f"{models}/var_refiner.safetensors"),
+            "fine-tuned": (f"{models}/code_drafter.safetensors", f"{models}/code_refiner.safetensors")}
+
+
+PAIRS = pairs(SHIPPED)
 
 
 def pair_argv(drafter: str, refiner: str, draft_scales: int, args, decode: bool) -> list[str]:
-    argv = ["--var", drafter, "--model", f"refiner={refiner}", "--sampler", "default",
-            "--sampler", f"code:draft_scales={draft_scales}", "--batch-sizes", args.batch_sizes,
+    argv = ["--vae", f"{args.models}/tokenizer.safetensors", "--var", drafter, "--model", f"refiner={refiner}",
+            "--sampler", "default", "--sampler", f"code:draft_scales={draft_scales}", "--batch-sizes", args.batch_sizes,
             "--repeats", str(args.repeats), "--warmup", "1", "--num-threads", str(args.num_threads),
             "--seed", str(args.seed), "--out", "unused"]
     if decode:
@@ -46,7 +59,7 @@ def pair_argv(drafter: str, refiner: str, draft_scales: int, args, decode: bool)
 
 def run(args) -> dict:
     runs = {}
-    for pair, (drafter, refiner) in PAIRS.items():
+    for pair, (drafter, refiner) in pairs(args.models).items():
         for decode in (True, False):
             argv = pair_argv(drafter, refiner, args.draft_scales, args, decode)
             bench_args = benchmark.build_parser().parse_args(argv)
@@ -54,7 +67,7 @@ def run(args) -> dict:
             with torch.no_grad():
                 runs[f"{pair}/{'full' if decode else 'no_decode'}"] = benchmark.run(bench_args)
     return {"meta": {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "draft_scales": args.draft_scales,
-                     "pairs": {k: {"drafter": d, "refiner": r} for k, (d, r) in PAIRS.items()},
+                     "pairs": {k: {"drafter": d, "refiner": r} for k, (d, r) in pairs(args.models).items()},
                      "quality_images": args.quality_images, "repeats": args.repeats},
             "runs": runs}
 
@@ -89,19 +102,23 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def readme_block(path: Path = RESULT) -> str:
-    return generated_block(MARKERS, path, markdown, "python -m benchmarks.code_finetuned --readme")
+def readme_block(path: Path = RESULT, markers: tuple[str, str] = MARKERS) -> str:
+    return generated_block(markers, path, markdown, "python -m benchmarks.code_finetuned --readme")
 
 
 def update_readme(readme: Path = ROOT / "README.md") -> None:
-    replace_block(readme, MARKERS, readme_block())
+    for path, markers in RESULTS.values():
+        if path.is_file():
+            replace_block(readme, markers, readme_block(path, markers))
 
 
 def main(argv=None) -> None:
     p = make_parser(description=__doc__)
     p.add_argument("--readme", action="store_true", help="only regenerate the README block from the committed JSON")
-    p.add_argument("--out", default=str(RESULT.with_suffix("")), help="output stem (writes .json and .md)")
-    p.add_argument("--draft-scales", type=int, default=5, help="N (the fine-tuned pair was trained for N = 5)")
+    p.add_argument("--models", default=SHIPPED, choices=sorted(RESULTS), help="the shipped model folder")
+    p.add_argument("--out", default=None, help="output stem (writes .json and .md; default: the folder's result)")
+    p.add_argument("--draft-scales", type=int, default=5, help="N (the fine-tuned pairs are trained for N = 5 of 6 "
+                                                               "and N = 8 of 10 scales)")
     p.add_argument("--batch-sizes", default="1,16")
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--quality-images", type=int, default=1000)
@@ -112,7 +129,8 @@ def main(argv=None) -> None:
     if args.readme:
         update_readme()
         return
-    print(write_result(args.out, run(args), markdown))
+    out = args.out or str(RESULTS[args.models][0].with_suffix(""))
+    print(write_result(out, run(args), markdown))
 
 
 if __name__ == "__main__":

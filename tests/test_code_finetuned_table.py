@@ -9,14 +9,15 @@ from benchmarks import code_finetuned
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_readme_code_block_is_generated_from_the_json():
+def test_readme_code_blocks_are_generated_from_the_json():
     readme = (ROOT / "README.md").read_text()
-    start, end = (readme.index(m) for m in code_finetuned.MARKERS)
-    assert readme[start:end + len(code_finetuned.MARKERS[1])] == code_finetuned.readme_block(), \
-        "README CoDe table is stale: run `python -m benchmarks.code_finetuned --readme`"
-    assert code_finetuned.RESULT.is_file()
-    for drafter, refiner in code_finetuned.PAIRS.values():
-        assert (ROOT / drafter).is_file() and (ROOT / refiner).is_file()
+    for models, (result, markers) in code_finetuned.RESULTS.items():
+        start, end = (readme.index(m) for m in markers)
+        assert readme[start:end + len(markers[1])] == code_finetuned.readme_block(result, markers), \
+            f"README CoDe table of {models} is stale: run `python -m benchmarks.code_finetuned --readme`"
+        assert result.is_file()
+        for drafter, refiner in code_finetuned.pairs(models).values():
+            assert (ROOT / drafter).is_file() and (ROOT / refiner).is_file()
 
 
 def _row(spec, batch, median, speed, **extra):
