@@ -7,9 +7,10 @@ also scores --quality-images class-balanced images per sampler with the offline 
 interval, accuracy with a Wilson interval, agreement with `default` on the same label and seed), and token
 generation only (`--no-decode`, how CoDe and DD time themselves).
 
-Models (checkpoints/fmnist64/): the drafter is the main VAR; CoDe runs the fine-tuned pair's refiner
-(code_refiner) after the fine-tuned drafter's scales (code_drafter); Block-SJD's `var` draft is the plain
-refiner; DD is the student distilled from the drafter; ScaleKV uses the drafter's calibration.
+Models (checkpoints/fmnist64/): the drafter is the main VAR and every row's baseline; CoDe runs the fine-tuned
+refiner (code_refiner) after the drafter's scales (the fine-tuned drafter, code_drafter, is measured with its
+pair against its own default in benchmarks/code_finetuned.py); Block-SJD's `var` draft is the plain refiner; DD
+is the student distilled from the drafter; ScaleKV uses the drafter's calibration.
 
   python -m benchmarks.substrate_v2 --out benchmarks/results/substrate_v2
   python -m benchmarks.substrate_v2 --readme     # regenerate the README block from the committed JSON
@@ -86,7 +87,8 @@ def bench_argv(args, decode: bool) -> list[str]:
     for case in CASES:
         argv += ["--sampler", case.spec]
     if decode:
-        argv += ["--proxy-classifier", args.proxy_classifier, "--quality-images", str(args.quality_images)]
+        argv += ["--proxy-classifier", args.proxy_classifier, "--quality-images", str(args.quality_images),
+                 "--count-flops"]
         for a, b in PAIRED:
             argv += ["--paired-fd", f"{a}..{b}"]
     else:
@@ -127,6 +129,12 @@ def kv_cell(run: dict, spec: str, batch: int, key: str = "kv_bytes_ratio_vs_base
     return "—" if row is None or key not in row else f"{100 * row[key]:.0f} %"
 
 
+def flop_cell(run: dict, spec: str, batch: int) -> str:
+    row = _row(run, spec, batch)
+    return "—" if row is None or "model_flop_ratio_vs_baseline" not in row else \
+        f"{row['model_flop_ratio_vs_baseline']:.2f}x"
+
+
 def load_text(load: list[float] | None) -> str:
     """The 1-minute load average (the benchmark records 1, 5 and 15 minutes; None where the OS has none)."""
     return "unknown" if not load else f"{load[0]:.2f}"
@@ -138,23 +146,26 @@ def markdown(result: dict) -> str:
     sampling = "".join(f"{k.replace('_', '-')} {v}, " for k, v in m.get("sampling", {}).items())
     sampling = f"sampling with {sampling[:-2]}. " if sampling else ""
     head = (["setting (paper)", "paper's figure", "ours: sampler"] + [f"b{b} full" for b in batches] +
-            [f"b{b} no decode" for b in batches] + [f"KV peak b{batches[-1]}", "KV kept", "proxy FD",
-                                                      "proxy accuracy", "proxy recall", "token agreement vs default",
-                                                      "target"])
+            [f"b{b} no decode" for b in batches] +
+            [f"FLOP ceiling b{batches[0]}", f"KV peak b{batches[-1]}", "KV kept", "proxy FD", "proxy accuracy",
+             "proxy recall", "token agreement vs default", "target"])
     lines = [f"Measured {m['date']} on {full['meta']['device']} ({full['meta']['torch_threads']} torch threads, load "
              f"average {load_text(full['meta'].get('load_average_start'))} at start); models {m['models']}; speed = ratio to "
              f"`default` in the same rounds ± half the IQR ({m['repeats']} rounds; `noisy`: IQR > 10 % of the median); "
              f"{m['quality_images']} class-balanced images per sampler, 95 % intervals; {sampling}KV peak: the most "
              f"KV bytes held during a forward (the current scale's own entries included), KV kept: the largest cache "
              f"a compressing policy carries from one scale to the next (what its budget bounds), both against "
-             f"`default`; Paper figures: ImageNet 256 px on GPUs (spec accelerators.md).", "",
+             f"`default`; FLOP ceiling: `default`'s model FLOPs per image over the sampler's (the speed-up a "
+             f"compute-bound machine allows; transformer, decoder and attention counted); Paper figures: ImageNet "
+             f"256 px on GPUs (spec accelerators.md).", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for case in m["cases"]:
         s = case["spec"]
         shown = s.replace(f"{SUB}/", "")
         cells = ([case["setting"], case["paper"], f"`{shown}`"] + [speed_cell(full, s, b) for b in batches] +
-                 [speed_cell(fast, s, b) for b in batches] + [kv_cell(full, s, batches[-1]),
-                                                              kv_cell(full, s, batches[-1], "kv_kept_ratio_vs_baseline")] +
+                 [speed_cell(fast, s, b) for b in batches] +
+                 [flop_cell(full, s, batches[0]), kv_cell(full, s, batches[-1]),
+                  kv_cell(full, s, batches[-1], "kv_kept_ratio_vs_baseline")] +
                  quality_cells(_row(full, s), recall=True) + [case["target"] or "—"])
         lines.append("| " + " | ".join(cells) + " |")
     if full.get("paired_fd"):

@@ -35,7 +35,7 @@ def test_table_cells_come_from_their_rows():
                    proxy_recall=0.25, proxy_recall_ci=[0.2, 0.3], quality_token_agreement=0.5, quality_token_agreement_ci=[0.49, 0.51])
     full = {"meta": {"device": "cpu", "torch_threads": 1, "load_average_start": [1.0, 0.5, 0.25]},
             "rows": [_row("default", 1, 1.0), _row("default", 16, 1.0, kv_bytes_ratio_vs_baseline=1.0),
-                     _row(spec, 1, 1.8), _row(spec, 16, 2.4, iqr_frac=0.2, noisy=True, kv_bytes_ratio_vs_baseline=0.3,
+                     _row(spec, 1, 1.8, model_flop_ratio_vs_baseline=2.125), _row(spec, 16, 2.4, iqr_frac=0.2, noisy=True, kv_bytes_ratio_vs_baseline=0.3,
                                               kv_kept_ratio_vs_baseline=0.125, **quality)]}
     full["paired_fd"] = [{"a": spec, "b": "default", "fd_difference": 4.25, "ci": [1.0, 7.5], "significant": True}]
     fast = {"rows": [_row(spec, 1, 2.0), _row(spec, 16, 3.0)]}
@@ -49,6 +49,7 @@ def test_table_cells_come_from_their_rows():
     cells = [c.strip() for c in rows[0].strip("|").split("|")]
     assert cells[:3] == ["CoDe N = 8", "1.7x", f"`{spec}`"]
     assert cells[3] == "1.80x ± 0.04" and cells[4] == "2.40x ± 0.24 noisy"
-    assert cells[5] == "2.00x ± 0.04" and cells[6] == "3.00x ± 0.06" and cells[7] == "30 %" and cells[8] == "12 %"
-    assert cells[9:] == ["100.0 [90.0, 110.0]", "90.0% [88.0, 92.0]", "0.250 [0.200, 0.300]", "0.500 [0.490, 0.510]",
+    assert cells[5] == "2.00x ± 0.04" and cells[6] == "3.00x ± 0.06" and cells[7] == "2.12x"
+    assert cells[8] == "30 %" and cells[9] == "12 %"
+    assert cells[10:] == ["100.0 [90.0, 110.0]", "90.0% [88.0, 92.0]", "0.250 [0.200, 0.300]", "0.500 [0.490, 0.510]",
                          ">= 2x"]
