@@ -33,16 +33,12 @@ RESULTS = {"checkpoints/fmnist": (ROOT / "benchmarks" / "results" / "code_finetu
                                   ("<!-- code-finetuned:start -->", "<!-- code-finetuned:end -->")),
            "checkpoints/fmnist64": (ROOT / "benchmarks" / "results" / "code_finetuned_fmnist64.json",
                                     ("<!-- code-finetuned-v2:start -->", "<!-- code-finetuned-v2:end -->"))}
-RESULT, MARKERS = RESULTS[SHIPPED]
 
 
 def pairs(models: str) -> dict[str, tuple[str, str]]:
     """The training-free and the fine-tuned (drafter, refiner) checkpoints of a shipped model folder."""
     return {"training-free": (f"{models}/var_drafter.safetensors", f"{models}/var_refiner.safetensors"),
             "fine-tuned": (f"{models}/code_drafter.safetensors", f"{models}/code_refiner.safetensors")}
-
-
-PAIRS = pairs(SHIPPED)
 
 
 def pair_argv(drafter: str, refiner: str, draft_scales: int, args, decode: bool) -> list[str]:
@@ -58,8 +54,8 @@ def pair_argv(drafter: str, refiner: str, draft_scales: int, args, decode: bool)
 
 
 def run(args) -> dict:
-    runs = {}
-    for pair, (drafter, refiner) in pairs(args.models).items():
+    runs, checkpoints = {}, pairs(args.models)
+    for pair, (drafter, refiner) in checkpoints.items():
         for decode in (True, False):
             argv = pair_argv(drafter, refiner, args.draft_scales, args, decode)
             bench_args = benchmark.build_parser().parse_args(argv)
@@ -67,7 +63,7 @@ def run(args) -> dict:
             with torch.no_grad():
                 runs[f"{pair}/{'full' if decode else 'no_decode'}"] = benchmark.run(bench_args)
     return {"meta": {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "draft_scales": args.draft_scales,
-                     "pairs": {k: {"drafter": d, "refiner": r} for k, (d, r) in pairs(args.models).items()},
+                     "pairs": {k: {"drafter": d, "refiner": r} for k, (d, r) in checkpoints.items()},
                      "quality_images": args.quality_images, "repeats": args.repeats},
             "runs": runs}
 
@@ -102,7 +98,7 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def readme_block(path: Path = RESULT, markers: tuple[str, str] = MARKERS) -> str:
+def readme_block(path: Path, markers: tuple[str, str]) -> str:
     return generated_block(markers, path, markdown, "python -m benchmarks.code_finetuned --readme")
 
 

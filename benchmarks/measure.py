@@ -51,8 +51,10 @@ def _attention_backward_flops(grad_out_shape, query_shape, key_shape, value_shap
     """Model FLOPs of attention's backward: twice the forward's two matmuls (dQ, dK, dV, dP), no recomputation."""
     return 2 * sdpa_flop_count(query_shape, key_shape, value_shape)
 
+
 def _forward_attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
     return sdpa_flop_count(query_shape, key_shape, value_shape)
+
 
 # torch registers formulas for the CUDA attention kernels only; the CPU kernel would count as zero
 CPU_ATTENTION_FLOPS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _forward_attention_flops,

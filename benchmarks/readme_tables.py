@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from benchmarks.plotting import bar_panel, save_panels
-from benchmarks.results_io import with_interval
+from benchmarks.results_io import paired_fd_lines, with_interval
 from benchmarks.training_report import markdown_table as training_pipeline_table
 from training.atomic import atomic_write_json, atomic_write_text
 
@@ -348,13 +348,7 @@ def schedule_table(results: dict) -> str:
         lines.append(f"| `{short_label(spec)}` | {forwards or '—'} | " + " | ".join(speeds) + " | "
                      + " | ".join([_with_ci(q, "proxy_fd", lambda v: f"{v:.1f}"), _with_ci(q, "proxy_accuracy", pct),
                                    _with_ci(q, "proxy_precision", pct), _with_ci(q, "proxy_recall", pct)]) + " |")
-    if results.get("paired_fd"):
-        lines += ["", "Paired comparisons (the same labels and seeds for both samplers; FD(A) - FD(B) with its 95 % "
-                      "paired bootstrap interval; negative: A is closer to the real images):", "",
-                  "| A | B | FD(A) - FD(B) | significant |", "|---|---|---|---|"]
-        for p in results["paired_fd"]:
-            lines.append(f"| `{short_label(p['a'])}` | `{short_label(p['b'])}` | {p['fd_difference']:.1f} "
-                         f"[{p['ci'][0]:.1f}, {p['ci'][1]:.1f}] | {'yes' if p['significant'] else 'no'} |")
+    lines += paired_fd_lines(results.get("paired_fd", []), short_label)
     return "\n".join(lines) + "\n"
 
 

@@ -46,6 +46,20 @@ def with_interval(value: float | None, ci: list | tuple | None, fmt: Callable[[f
     return fmt(value) + (f" [{ci_fmt(ci[0])}, {ci_fmt(ci[1])}]" if ci else "")
 
 
+def paired_fd_lines(pairs: list[dict], label: Callable[[str], str] = str) -> list[str]:
+    """The Markdown lines (a lead sentence, then a table) of a benchmark's --paired-fd comparisons; `label` shortens a
+    sampler spec for display. No lines without comparisons."""
+    if not pairs:
+        return []
+    lines = ["", "Paired FD differences (the same labels and seeds for both samplers; FD(A) - FD(B) with its 95 % "
+                 "paired bootstrap interval; negative: A is closer to the real images):", "",
+             "| A | B | FD(A) - FD(B) | significant |", "|---|---|---|---|"]
+    for p in pairs:
+        lines.append(f"| `{label(p['a'])}` | `{label(p['b'])}` | {p['fd_difference']:.1f} "
+                     f"[{p['ci'][0]:.1f}, {p['ci'][1]:.1f}] | {'yes' if p['significant'] else 'no'} |")
+    return lines
+
+
 def quality_cells(row: dict | None, recall: bool = False) -> list[str]:
     """A benchmark row's proxy columns with their 95 % intervals: FD, accuracy, [recall,] token agreement with the
     baseline on the same label and seed ('—' where the row or the value is missing)."""

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from benchmarks import benchmark
-from benchmarks.results_io import generated_block, quality_cells, replace_block, write_result
+from benchmarks.results_io import generated_block, paired_fd_lines, quality_cells, replace_block, write_result
 from training.errors import make_parser, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -168,14 +168,7 @@ def markdown(result: dict) -> str:
                   kv_cell(full, s, batches[-1], "kv_kept_ratio_vs_baseline")] +
                  quality_cells(_row(full, s), recall=True) + [case["target"] or "—"])
         lines.append("| " + " | ".join(cells) + " |")
-    if full.get("paired_fd"):
-        lines += ["", "Paired FD differences (the same labels and seeds for both samplers; 95 % paired bootstrap "
-                      "interval; negative: A is closer to the real images):", "",
-                  "| A | B | FD(A) - FD(B) | significant |", "|---|---|---|---|"]
-        for p in full["paired_fd"]:
-            a, b = (x.replace(f"{SUB}/", "") for x in (p["a"], p["b"]))
-            lines.append(f"| `{a}` | `{b}` | {p['fd_difference']:.1f} [{p['ci'][0]:.1f}, {p['ci'][1]:.1f}] | "
-                         f"{'yes' if p['significant'] else 'no'} |")
+    lines += paired_fd_lines(full.get("paired_fd", []), lambda spec: spec.replace(f"{SUB}/", ""))
     return "\n".join(lines) + "\n"
 
 

@@ -120,35 +120,46 @@ def fd_batched(mu1_BD, sigma1_BDD, mu2_BD, sigma2_BDD) -> np.ndarray:
         np.trace(sigma2_BDD, axis1=-2, axis2=-1) - 2 * tr_covmean
 
 
+def _bootstrap_weights(n: int, n_boot: int, rng) -> np.ndarray:
+    """(n_boot + 1, n) multiplicities of the rows in each resample; row 0 (all ones): the data itself."""
+    return np.concatenate([np.ones((1, n)), rng.multinomial(n, np.full(n, 1 / n), size=n_boot)]).astype(np.float64)
+
+
+def _resampled_stats(feats_ND: np.ndarray, n_boot: int, rng) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and covariance stacks of n_boot + 1 resamples of the rows; row 0: the data itself."""
+    return _weighted_stats(feats_ND, _bootstrap_weights(len(feats_ND), n_boot, rng))
+
+
+def _reference_stats(ref_feats_MD, ref_mu, ref_sigma, n_boot: int, rng,
+                     caller: str) -> tuple[np.ndarray, np.ndarray, str]:
+    """The reference side of an FD bootstrap as n_boot + 1 stacked statistics: resampled from its features, or
+    its stored mu/sigma held fixed (e.g. ADM's); with the words naming what varies."""
+    if ref_feats_MD is not None:
+        mu, sigma = _resampled_stats(np.asarray(ref_feats_MD, np.float64), n_boot, rng)
+        return mu, sigma, "and reference"
+    if ref_mu is None or ref_sigma is None:
+        raise ValueError(f"{caller} needs reference features or reference mu/sigma")
+    mu, sigma = np.asarray(ref_mu, np.float64), np.asarray(ref_sigma, np.float64)
+    stack = (n_boot + 1,)
+    return np.broadcast_to(mu, stack + mu.shape), np.broadcast_to(sigma, stack + sigma.shape), \
+        "(reference statistics fixed)"
+
+
 def fd_bootstrap_ci(fake_ND: np.ndarray, ref_feats_MD: np.ndarray | None = None, ref_mu=None, ref_sigma=None, *,
                     n_boot: int = DEFAULT_BOOT, level: float = DEFAULT_LEVEL, seed: int = 0) -> dict:
     """Basic bootstrap interval of the Fréchet distance. Without reference features the reference
     statistics are held fixed (only the sample side varies, e.g. ADM's stored mu/sigma)."""
     rng = np.random.default_rng(seed)
-
-    def resampled(feats_ND: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        n = len(feats_ND)
-        w = np.concatenate([np.ones((1, n)), rng.multinomial(n, np.full(n, 1 / n), size=n_boot)]).astype(np.float64)
-        mu, sigma = _weighted_stats(feats_ND, w)  # row 0: the data itself
-        return mu[:1], sigma[:1], mu[1:], sigma[1:]
-
-    mu1, s1, mu1_b, s1_b = resampled(np.asarray(fake_ND, np.float64))
-    if ref_feats_MD is not None:
-        mu2, s2, mu2_b, s2_b = resampled(np.asarray(ref_feats_MD, np.float64))
-        sides = "samples and reference"
-    else:
-        if ref_mu is None or ref_sigma is None:
-            raise ValueError("fd_bootstrap_ci needs reference features or reference mu/sigma")
-        mu2, s2 = np.asarray(ref_mu, np.float64)[None], np.asarray(ref_sigma, np.float64)[None]
-        mu2_b, s2_b = np.broadcast_to(mu2, mu1_b.shape), np.broadcast_to(s2, s1_b.shape)
-        sides = "samples (reference statistics fixed)"
-    estimate = float(fd_batched(mu2, s2, mu1, s1)[0])
-    q_lo, q_hi = _percentile(fd_batched(mu2_b, s2_b, mu1_b, s1_b), level)
+    mu1, s1 = _resampled_stats(np.asarray(fake_ND, np.float64), n_boot, rng)
+    mu2, s2, ref_side = _reference_stats(ref_feats_MD, ref_mu, ref_sigma, n_boot, rng, "fd_bootstrap_ci")
+    fd = fd_batched(mu2, s2, mu1, s1)
+    estimate = float(fd[0])
+    q_lo, q_hi = _percentile(fd[1:], level)
     # FD >= 0, and its plug-in estimate is biased upwards (the squared Bures-Wasserstein distance is jointly
     # convex): where the bias dominates (true FD ~ 0) the reflected interval would fall below the estimate,
     # even below 0, so the low end is clipped at 0 and the high end kept at or above the estimate
     low, high = max(0.0, 2 * estimate - q_hi), max(estimate, 2 * estimate - q_lo)
-    return interval(low, high, level, f"basic bootstrap over {sides}, {n_boot} resamples, seed {seed}")
+    return interval(low, high, level, f"basic bootstrap over samples {ref_side}, {n_boot} resamples, seed {seed}")
 
 
 def fd_paired_difference_ci(fake_a_ND: np.ndarray, fake_b_ND: np.ndarray, ref_feats_MD: np.ndarray | None = None,
@@ -162,26 +173,15 @@ def fd_paired_difference_ci(fake_a_ND: np.ndarray, fake_b_ND: np.ndarray, ref_fe
     if a.shape != b.shape:
         raise ValueError(f"paired FD needs sample sets of equal shape (the same items), got {a.shape} and {b.shape}")
     rng = np.random.default_rng(seed)
-    n = len(a)
-    w = np.concatenate([np.ones((1, n)), rng.multinomial(n, np.full(n, 1 / n), size=n_boot)]).astype(np.float64)
-    mu_a, s_a = _weighted_stats(a, w)
+    w = _bootstrap_weights(len(a), n_boot, rng)
+    mu_a, s_a = _weighted_stats(a, w)  # the same resampled rows for both sets
     mu_b, s_b = _weighted_stats(b, w)
-    if ref_feats_MD is not None:
-        r = np.asarray(ref_feats_MD, np.float64)
-        v = np.concatenate([np.ones((1, len(r))), rng.multinomial(len(r), np.full(len(r), 1 / len(r)), size=n_boot)])
-        mu_r, s_r = _weighted_stats(r, v.astype(np.float64))
-        sides = "paired samples and reference"
-    else:
-        if ref_mu is None or ref_sigma is None:
-            raise ValueError("fd_paired_difference_ci needs reference features or reference mu/sigma")
-        mu_r = np.broadcast_to(np.asarray(ref_mu, np.float64)[None], mu_a.shape)
-        s_r = np.broadcast_to(np.asarray(ref_sigma, np.float64)[None], s_a.shape)
-        sides = "paired samples (reference statistics fixed)"
+    mu_r, s_r, ref_side = _reference_stats(ref_feats_MD, ref_mu, ref_sigma, n_boot, rng, "fd_paired_difference_ci")
     diff = fd_batched(mu_r, s_r, mu_a, s_a) - fd_batched(mu_r, s_r, mu_b, s_b)
     estimate = float(diff[0])
     q_lo, q_hi = _percentile(diff[1:], level)
     out = interval(2 * estimate - q_hi, 2 * estimate - q_lo, level,
-                   f"basic bootstrap of FD(a) - FD(b) over {sides}, {n_boot} resamples, seed {seed}")
+                   f"basic bootstrap of FD(a) - FD(b) over paired samples {ref_side}, {n_boot} resamples, seed {seed}")
     out["estimate"] = estimate
     out["significant"] = not out["low"] <= 0 <= out["high"]
     return out
