@@ -10,9 +10,11 @@ accuracy with a Wilson interval) and compares every image with the pair's defaul
   training-free: MODELS/var_drafter + var_refiner (the pre-trained pair, no CoDe training)
   fine-tuned:    MODELS/code_drafter + code_refiner (configs/fmnist*_code_{drafter,refiner}.toml)
 
-  python -m benchmarks.code_finetuned                                   # shipped 32 px pair, N = 5 of 6
-  python -m benchmarks.code_finetuned --models checkpoints/fmnist64 --draft-scales 8 \
-      --proxy-classifier eval/weights/fmnist64_classifier.safetensors   # shipped models v2, N = 8 of 10
+  python -m benchmarks.code_finetuned                                # shipped 32 px pair, N = 5 of 6
+  python -m benchmarks.code_finetuned --models checkpoints/fmnist64  # shipped models v2, N = 8 of 10
+
+N defaults to round(0.8 K) of the drafter's K scales (the `code` sampler's default, and the N both shipped pairs
+were fine-tuned for); the proxy classifier defaults to the one trained on the folder's image size.
   python -m benchmarks.code_finetuned --readme     # regenerate the README blocks from the committed JSON
 """
 from __future__ import annotations
@@ -24,6 +26,8 @@ import torch
 
 from benchmarks import benchmark
 from benchmarks.results_io import generated_block, quality_cells, replace_block, write_result
+from samplers.code.sampler import default_draft_scales
+from training.checkpoint import read_metadata
 from training.errors import make_parser, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,12 +37,21 @@ RESULTS = {"checkpoints/fmnist": (ROOT / "benchmarks" / "results" / "code_finetu
                                   ("<!-- code-finetuned:start -->", "<!-- code-finetuned:end -->")),
            "checkpoints/fmnist64": (ROOT / "benchmarks" / "results" / "code_finetuned_fmnist64.json",
                                     ("<!-- code-finetuned-v2:start -->", "<!-- code-finetuned-v2:end -->"))}
+# the offline proxy trained at each folder's image size (eval/proxy_classifier)
+CLASSIFIERS = {"checkpoints/fmnist": "eval/weights/fmnist_classifier.safetensors",
+               "checkpoints/fmnist64": "eval/weights/fmnist64_classifier.safetensors"}
 
 
 def pairs(models: str) -> dict[str, tuple[str, str]]:
     """The training-free and the fine-tuned (drafter, refiner) checkpoints of a shipped model folder."""
     return {"training-free": (f"{models}/var_drafter.safetensors", f"{models}/var_refiner.safetensors"),
             "fine-tuned": (f"{models}/code_drafter.safetensors", f"{models}/code_refiner.safetensors")}
+
+
+def folder_draft_scales(models: str) -> int:
+    """round(0.8 K) of the folder's fine-tuned drafter (K read from its checkpoint)."""
+    drafter = ROOT / pairs(models)["fine-tuned"][0]
+    return default_draft_scales(len(read_metadata(drafter)["config"]["patch_nums"]))
 
 
 def pair_argv(drafter: str, refiner: str, draft_scales: int, args, decode: bool) -> list[str]:
@@ -113,12 +126,12 @@ def main(argv=None) -> None:
     p.add_argument("--readme", action="store_true", help="only regenerate the README block from the committed JSON")
     p.add_argument("--models", default=SHIPPED, choices=sorted(RESULTS), help="the shipped model folder")
     p.add_argument("--out", default=None, help="output stem (writes .json and .md; default: the folder's result)")
-    p.add_argument("--draft-scales", type=int, default=5, help="N (the fine-tuned pairs are trained for N = 5 of 6 "
-                                                               "and N = 8 of 10 scales)")
+    p.add_argument("--draft-scales", type=int, default=None, help="N (default round(0.8 K), the N the shipped "
+                                                                  "pairs were fine-tuned for)")
     p.add_argument("--batch-sizes", default="1,16")
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--quality-images", type=int, default=1000)
-    p.add_argument("--proxy-classifier", default="eval/weights/fmnist_classifier.safetensors")
+    p.add_argument("--proxy-classifier", default=None, help="default: the folder's (CLASSIFIERS)")
     p.add_argument("--num-threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
@@ -126,6 +139,8 @@ def main(argv=None) -> None:
         update_readme()
         return
     out = args.out or str(RESULTS[args.models][0].with_suffix(""))
+    args.draft_scales = args.draft_scales if args.draft_scales is not None else folder_draft_scales(args.models)
+    args.proxy_classifier = args.proxy_classifier or CLASSIFIERS[args.models]
     print(write_result(out, run(args), markdown))
 
 

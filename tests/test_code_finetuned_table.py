@@ -2,9 +2,12 @@
 table shows each row's own numbers (a synthetic result with known values)."""
 from __future__ import annotations
 
+import json
+import tomllib
 from pathlib import Path
 
 from benchmarks import code_finetuned
+from training.checkpoint import read_metadata
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -18,6 +21,19 @@ def test_readme_code_blocks_are_generated_from_the_json():
         assert result.is_file()
         for drafter, refiner in code_finetuned.pairs(models).values():
             assert (ROOT / drafter).is_file() and (ROOT / refiner).is_file()
+
+
+def test_defaults_are_the_folder_pairs_fine_tuned_n_and_the_folder_proxy():
+    """N defaults to the draft_scales each shipped pair was fine-tuned with (its training config), and the proxy
+    classifier to the one trained on that folder's image size."""
+    for models in code_finetuned.RESULTS:
+        prefix = Path(models).name
+        trained = tomllib.loads((ROOT / "configs" / f"{prefix}_code_drafter.toml").read_text())["code"]["draft_scales"]
+        assert code_finetuned.folder_draft_scales(models) == trained
+        classifier = json.loads((ROOT / code_finetuned.CLASSIFIERS[models]).with_suffix(".json").read_text())["config"]
+        tokenizer = read_metadata(ROOT / models / "tokenizer.safetensors")["config"]
+        image_size = tokenizer["patch_nums"][-1] * 2 ** (len(tokenizer["ch_mult"]) - 1)
+        assert classifier.get("data_size", classifier["image_size"]) == image_size
 
 
 def _row(spec, batch, median, speed, **extra):

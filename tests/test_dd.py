@@ -382,6 +382,45 @@ def test_dd_job_trains_at_the_configured_timesteps_and_scores_held_out_pairs(tmp
     assert "val_t2_acc_s1" not in record  # a data slot at t = 2 is not scored
 
 
+def test_dd_job_continues_a_student_of_the_same_teacher_from_train_init_from(tmp_path, pair, monkeypatch):
+    """train.init_from: the first training step sees the given student's weights, not the teacher's; a student of
+    other teacher weights, with another t2, or a file of another kind is refused with a one-line error."""
+    import train
+    import samplers.dd.job as job_module
+    from training.checkpoint import load_model, read_metadata, save_model
+
+    var, vae = pair
+    cfg_path = write_dd_config(tmp_path, var, vae)
+    generate(small_cfg(tmp_path, data_dir=str(tmp_path / "data"), num_samples=16, shard_size=8, seed=0, cfg=1.5,
+                       top_k=8, flow_steps=8), var, vae, show_progress=False)
+    first = train.main(["dd", "--config", str(cfg_path), "--set", f"train.out_dir={tmp_path / 'a'}"])
+    seen = []
+    real_loss = job_module.dd_loss
+
+    def recording_loss(forward, student, *args):
+        if student.training and not seen:
+            seen.append({k: v.detach().clone() for k, v in student.state_dict().items()})
+        return real_loss(forward, student, *args)
+
+    monkeypatch.setattr(job_module, "dd_loss", recording_loss)
+    train.main(["dd", "--config", str(cfg_path), "--set", f"train.init_from={first}",
+                "--set", f"train.out_dir={tmp_path / 'b'}"])
+    given = load_model(first).state_dict()
+    assert seen[0].keys() == given.keys() and all(torch.equal(seen[0][k], given[k]) for k in given)
+    assert not torch.equal(given["cont_head.weight"], DDStudent.from_teacher(var, t2=2).state_dict()["cont_head.weight"])
+
+    other_teacher, _ = make_tiny_pair(4)
+    save_model(tmp_path / "other.safetensors", DDStudent.from_teacher(other_teacher, t2=2, loss_split=2),
+               extra={"teacher_fingerprint": "0" * 64})
+    save_model(tmp_path / "t1.safetensors", DDStudent.from_teacher(var, t2=1, loss_split=2),
+               extra={"teacher_fingerprint": read_metadata(first)["extra"]["teacher_fingerprint"]})
+    for path, why in ((tmp_path / "other.safetensors", "other teacher weights"), (tmp_path / "t1.safetensors", "t2 = 1"),
+                      (tmp_path / "teacher.safetensors", "holds a var checkpoint")):
+        with pytest.raises(ValueError, match=why):
+            train.main(["dd", "--config", str(cfg_path), "--set", f"train.init_from={path}",
+                        "--set", f"train.out_dir={tmp_path / 'bad'}"])
+
+
 def test_student_step_lists_generalise_the_1step_and_2step_schedules(pair):
     var, vae = pair
     student = DDStudent.from_teacher(var, t2=2).eval()

@@ -22,7 +22,7 @@ from torch.utils.data import Dataset
 
 from samplers.base import check_models_compatible
 from samplers.dd.sampler import DDSampler
-from training.checkpoint import load_any, save_model
+from training.checkpoint import load_any, load_model, read_metadata, save_model
 from samplers.dd.data import DDConfig, DDDataset, model_fingerprint
 from samplers.dd.student import DDStudent
 from training.images import grid_image
@@ -99,12 +99,28 @@ class HeldOutPairs(Dataset):
         return self.offset + index, epoch
 
 
+def continued_student(path: str, teacher, dd: DDConfig) -> DDStudent:
+    """train.init_from for the dd job: a student to train further (e.g. on a larger dataset), which must have
+    been distilled from these teacher weights with the same t2 and loss_split; otherwise the student starts
+    from the teacher."""
+    meta = read_metadata(path)
+    if meta["kind"] != "dd_student":
+        raise ValueError(f"train.init_from = {path} holds a {meta['kind']} checkpoint; the dd job continues a "
+                         f"dd_student (leave train.init_from empty to start the student from dd.teacher)")
+    if meta["extra"].get("teacher_fingerprint") != model_fingerprint(teacher):
+        raise ValueError(f"train.init_from = {path} was distilled from other teacher weights than {dd.teacher}; "
+                         f"continue a student of this teacher or leave train.init_from empty")
+    student = load_model(path, "dd_student")
+    if (student.t2, student.loss_split) != (dd.t2, dd.loss_split):
+        raise ValueError(f"train.init_from = {path} has t2 = {student.t2}, loss_split = {student.loss_split}, but "
+                         f"[dd] sets {dd.t2}, {dd.loss_split}; make them equal")
+    return student
+
+
 class DDJob(TrainJob):
     export_name = "dd_student"
 
     def __init__(self, cfg: TrainConfig, dd: DDConfig, device: torch.device, main_process: bool = True):
-        if cfg.train.init_from:
-            raise ValueError("the dd job initialises the student from dd.teacher; leave train.init_from empty")
         if not dd.teacher or not dd.tokenizer:
             raise ValueError("the dd job needs dd.teacher (the VAR being distilled) and dd.tokenizer")
         self.cfg, self.dd = cfg, dd
@@ -121,7 +137,11 @@ class DDJob(TrainJob):
             raise ValueError(f"[dd] val_samples = {dd.val_samples} leaves no training pairs of the {len(self.data)} in "
                              f"{dd.data_dir}")
         self.timesteps_T = torch.tensor(dd.timesteps)
-        self.student = DDStudent.from_teacher(self.teacher, t2=dd.t2, loss_split=dd.loss_split).to(device).train()
+        if cfg.train.init_from:
+            self.student = continued_student(cfg.train.init_from, self.teacher, dd)
+        else:
+            self.student = DDStudent.from_teacher(self.teacher, t2=dd.t2, loss_split=dd.loss_split)
+        self.student = self.student.to(device).train()
         self.model = self.student  # replaced by the accelerate-prepared wrapper (same parameters)
         self.codebook_VC = self.vae.quantize.embedding.weight.detach()
 
