@@ -12,10 +12,10 @@ accuracy with a Wilson interval) and compares every image with the pair's defaul
 
   python -m benchmarks.code_finetuned                                # shipped 32 px pair, N = 5 of 6
   python -m benchmarks.code_finetuned --models checkpoints/fmnist64  # shipped models v2, N = 8 of 10
+  python -m benchmarks.code_finetuned --readme     # regenerate the README blocks from the committed JSON
 
 N defaults to round(0.8 K) of the drafter's K scales (the `code` sampler's default, and the N both shipped pairs
 were fine-tuned for); the proxy classifier defaults to the one trained on the folder's image size.
-  python -m benchmarks.code_finetuned --readme     # regenerate the README blocks from the committed JSON
 """
 from __future__ import annotations
 

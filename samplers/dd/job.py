@@ -100,9 +100,8 @@ class HeldOutPairs(Dataset):
 
 
 def continued_student(path: str, teacher, dd: DDConfig) -> DDStudent:
-    """train.init_from for the dd job: a student to train further (e.g. on a larger dataset), which must have
-    been distilled from these teacher weights with the same t2 and loss_split; otherwise the student starts
-    from the teacher."""
+    """train.init_from for the dd job: a student to train further (e.g. on a larger dataset). It must have been
+    distilled from these teacher weights with the same t2 and loss_split, or its slots would mean other things."""
     meta = read_metadata(path)
     if meta["kind"] != "dd_student":
         raise ValueError(f"train.init_from = {path} holds a {meta['kind']} checkpoint; the dd job continues a "
