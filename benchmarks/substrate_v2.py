@@ -124,15 +124,14 @@ def speed_cell(run: dict, spec: str, batch: int) -> str:
         " noisy" if row.get("noisy") else "")
 
 
-def kv_cell(run: dict, spec: str, batch: int, key: str = "kv_bytes_ratio_vs_baseline") -> str:
+def ratio_cell(run: dict, spec: str, batch: int, key: str, fmt) -> str:
+    """One ratio of a row (KV bytes as a percentage, FLOPs as a factor); '—' where the row has none."""
     row = _row(run, spec, batch)
-    return "—" if row is None or key not in row else f"{100 * row[key]:.0f} %"
+    return "—" if row is None or key not in row else fmt(row[key])
 
 
-def flop_cell(run: dict, spec: str, batch: int) -> str:
-    row = _row(run, spec, batch)
-    return "—" if row is None or "model_flop_ratio_vs_baseline" not in row else \
-        f"{row['model_flop_ratio_vs_baseline']:.2f}x"
+def percent(v: float) -> str:
+    return f"{100 * v:.0f} %"
 
 
 def load_text(load: list[float] | None) -> str:
@@ -164,8 +163,9 @@ def markdown(result: dict) -> str:
         shown = s.replace(f"{SUB}/", "")
         cells = ([case["setting"], case["paper"], f"`{shown}`"] + [speed_cell(full, s, b) for b in batches] +
                  [speed_cell(fast, s, b) for b in batches] +
-                 [flop_cell(full, s, batches[0]), kv_cell(full, s, batches[-1]),
-                  kv_cell(full, s, batches[-1], "kv_kept_ratio_vs_baseline")] +
+                 [ratio_cell(full, s, batches[0], "model_flop_ratio_vs_baseline", lambda v: f"{v:.2f}x"),
+                  ratio_cell(full, s, batches[-1], "kv_bytes_ratio_vs_baseline", percent),
+                  ratio_cell(full, s, batches[-1], "kv_kept_ratio_vs_baseline", percent)] +
                  quality_cells(_row(full, s), recall=True) + [case["target"] or "—"])
         lines.append("| " + " | ".join(cells) + " |")
     lines += paired_fd_lines(full.get("paired_fd", []), lambda spec: spec.replace(f"{SUB}/", ""))
