@@ -32,161 +32,28 @@ import os
 import platform
 import statistics
 import sys
-import time
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
-from samplers import build_sampler, sampler_class
-from samplers.cli import SHIPPED, load_models, parse_sampler_args, parse_sampler_spec, parse_var_overrides
-from benchmarks.measure import count_flops, flop_counter, matmul_peak_flops, process_rss_bytes, sync
-from benchmarks.quality import ProxyQuality, mean_psnr, paired_fd
-
-ENGINE_KEYS = ("compile", "rng", "precision")  # Sampler keywords, as opposed to accelerator options
-
-
-# ---- measurements (process memory, device sync and the matmul peak: benchmarks/measure.py) ---------------
-
-
-def summarise(times: list[float], batch: int, threshold: float) -> dict:
-    q = statistics.quantiles(times, n=4, method="inclusive") if len(times) > 1 else [times[0]] * 3
-    median = statistics.median(times)
-    iqr = q[2] - q[0]
-    return {"median_s": median, "iqr_s": iqr, "iqr_frac": iqr / median, "noisy": iqr > threshold * median,
-            "per_image_s": median / batch, "images_per_s": batch / median, "repeats": len(times), "times_s": times}
+from samplers import Sampler, sampler_class
+from samplers.cli import SHIPPED, load_models, parse_var_overrides
+from tokenizers import VQVAE
+from tokenizers.config import official_vqvae_config
+from var import VAR, var_config
+from training.errors import make_parser, run_cli
+from benchmarks.contenders import (DecoderContender, Spec, TransformerMeter, build_contender, measure, parse_spec,
+                                   split_specs)
+from benchmarks.measure import load_average, matmul_peak_flops
+from benchmarks.quality import ProxyQuality, paired_fd
+from benchmarks.readme_tables import markdown_table, write_outputs
+from benchmarks.reference_loop import build_reference
+from benchmarks.rows import compare, count_model_flops, profile_table, reference_ratios, row_of
 
 
-class TransformerMeter:
-    """Times (and, when `counting`, counts the FLOPs of) every call of a VAR's blocks and head, by shadowing
-    the two methods on the instance; the engine looks them up per sample, so nothing in samplers/ changes."""
-
-    def __init__(self, var):
-        self.var, self.calls_s, self.flops, self.counting = var, [], 0, False
-        self.rounds_s: list[float] = []  # transformer seconds of each metered call of the sampler
-
-    def _wrap(self, fn):
-        def timed(*args, **kwargs):
-            device = args[0].device
-            sync(device)
-            start = time.perf_counter()
-            if self.counting:
-                with flop_counter() as counter:
-                    out = fn(*args, **kwargs)
-                self.flops += counter.get_total_flops()
-            else:
-                out = fn(*args, **kwargs)
-            sync(device)
-            self.calls_s.append(time.perf_counter() - start)
-            self.rounds_s[-1] += self.calls_s[-1]
-            return out
-        return timed
-
-    def __enter__(self):
-        self.rounds_s.append(0.0)
-        self.var.run_blocks = self._wrap(type(self.var).run_blocks.__get__(self.var))
-        self.var.logits = self._wrap(type(self.var).logits.__get__(self.var))
-        return self
-
-    def __exit__(self, *exc):
-        del self.var.run_blocks, self.var.logits
-
-
-# ---- contenders ------------------------------------------------------------------------------------------------
-@dataclass
-class Spec:
-    label: str  # as given on the command line
-    name: str  # accelerator stack, "default", or "reference" (the public loop)
-    options: dict = field(default_factory=dict)
-    engine: dict = field(default_factory=dict)
-    batches: list[int] | None = None  # None: every --batch-sizes entry
-
-
-def parse_spec(text: str) -> Spec:
-    name, items = parse_sampler_spec(text.strip())
-    engine = {}
-    rest = []
-    for item in items:
-        key, sep, value = item.partition("=")
-        if key in ENGINE_KEYS and sep:
-            engine[key] = None if value.lower() in ("none", "eager") else value
-        else:
-            rest.append(item)
-    batches = None
-    for item in list(rest):
-        if item.startswith("batches="):  # this contender runs only at these batch sizes
-            batches = [int(b) for b in item.split("=", 1)[1].split("/")]
-            rest.remove(item)
-    if name == "reference":
-        if engine or set(rest) - {"full"}:
-            raise ValueError(f"--sampler reference takes only 'full' and 'batches=' (got {text!r}): it is the "
-                             f"public loop as released")
-        return Spec(text, name, {"full": "full" in rest}, batches=batches)
-    return Spec(text, name, parse_sampler_args(sampler_class(name), rest), engine, batches)
-
-
-class OursContender:
-    kind = "ours"
-
-    def __init__(self, spec: Spec, sampler, labels_B, seed: int, sampling: dict, decode: bool):
-        self.spec, self.sampler, self.labels_B, self.seed = spec, sampler, labels_B, seed
-        self.kwargs = dict(sampling, decode=decode)
-        self.out = None
-
-    def __call__(self) -> float:
-        device = self.labels_B.device
-        sync(device)
-        start = time.perf_counter()
-        self.out = self.sampler.sample(self.labels_B, seed=self.seed, **self.kwargs)
-        sync(device)
-        return time.perf_counter() - start
-
-
-class DecoderContender:
-    """Our tokenizer's decoder alone, on the baseline's latent: what --no-decode leaves out of every row."""
-    kind = "decoder"
-
-    def __init__(self, sampler, f_hat):
-        self.sampler, self.f_hat = sampler, f_hat
-
-    @torch.no_grad()
-    def __call__(self) -> float:
-        sync(self.f_hat.device)
-        start = time.perf_counter()
-        self.sampler.decode(self.f_hat)
-        sync(self.f_hat.device)
-        return time.perf_counter() - start
-
-
-def measure(contenders: dict, repeats: int, warmup: int, meter: TransformerMeter | None = None,
-            meter_key: str | None = None) -> tuple[dict, dict]:
-    """Warm-up, then `repeats` interleaved rounds (ABC, CBA, ...). Returns {label: times}, {label: first call}."""
-    first = {}
-    for label, c in contenders.items():
-        for i in range(max(warmup, 0)):
-            t = c()
-            first.setdefault(label, t)
-        if isinstance(getattr(c, "decoder_times", None), list):
-            c.decoder_times.clear()
-    times = {k: [] for k in contenders}
-    order = list(contenders)
-    for r in range(repeats):
-        for label in (order if r % 2 == 0 else order[::-1]):
-            if meter is not None and label == meter_key:
-                with meter:
-                    times[label].append(contenders[label]())
-            else:
-                times[label].append(contenders[label]())
-    return times, first
-
-
-# ---- the protocol -------------------------------------------------------------------------------------------
 def build_models(args, device):
     if args.official_shape:
-        from tokenizers import VQVAE
-        from tokenizers.config import official_vqvae_config
-        from var import VAR, var_config
         torch.manual_seed(0)
         var = VAR(var_config(args.official_shape, **parse_var_overrides(args.var_override))).to(device).eval()
         vae = VQVAE(official_vqvae_config(var.patch_nums)).to(device).eval()
@@ -199,116 +66,16 @@ def build_models(args, device):
                        parse_var_overrides(args.var_override) if args.var_override else None)
 
 
-def build_contender(spec: Spec, var, vae, extras, labels_B, args, sampling, ref_var):
-    from benchmarks.reference_loop import ReferenceContender
-    if spec.name == "reference":
-        full = spec.options["full"] or not args.no_decode
-        return ReferenceContender(ref_var, labels_B.shape[0], labels_B, args.seed, sampling, full)
-    cls = sampler_class(spec.name)
-    models = {k: v for k, v in extras.items() if k in cls.extra_models + cls.optional_models}
-    missing = [m for m in cls.extra_models if m not in models]
-    if missing:
-        raise ValueError(f"--sampler {spec.label!r} needs --model {missing[0]}=PATH")
-    sampler = build_sampler(spec.name, var=var, vae=vae, **models, **spec.engine, **spec.options)
-    return OursContender(spec, sampler, labels_B, args.seed, sampling, decode=not args.no_decode)
-
-
-def row_of(spec_label: str, c, batch: int, times: list[float], first: dict, args) -> dict:
-    row = {"sampler": spec_label, "kind": c.kind, "batch": batch, **summarise(times, batch, args.noise_threshold)}
-    if spec_label in first:
-        row["first_call_s"] = first[spec_label]
-    if c.kind == "ours":
-        st = c.out.stats
-        row.update(engine={k: getattr(c.sampler, k) for k in ENGINE_KEYS}, forwards=st.forwards,
-                   tokens_processed=st.tokens_processed, kv_bytes_peak=st.kv_bytes_peak,
-                   kv_bytes_per_scale=st.kv_bytes_per_scale,
-                   decoded=c.out.images is not None, extra=_jsonable(st.extra),
-                   peak_memory_bytes=(torch.cuda.max_memory_allocated() if labels_device(c).type == "cuda"
-                                      else process_rss_bytes()))
-        if c.sampler.compile is not None and "first_call_s" in row:
-            row["compile_s"] = row["first_call_s"] - row["median_s"]  # first call minus a warm call
-    if c.kind == "reference" and c.full:
-        dec = summarise(c.decoder_times, batch, args.noise_threshold)
-        gen = [full - d for full, d in zip(times, c.decoder_times)]  # paired: same round
-        row["decoder"] = {k: dec[k] for k in ("median_s", "iqr_s", "noisy", "times_s")}
-        row["generation_only"] = {k: v for k, v in summarise(gen, batch, args.noise_threshold).items()
-                                  if k in ("median_s", "iqr_s", "iqr_frac", "noisy", "times_s")}
-        row["generation_only"]["how"] = "full call minus its decoder on a latent of the same shape, paired per round"
-    if c.kind == "reference":
-        row["decoded"] = c.full
-    return row
-
-
-def labels_device(c) -> torch.device:
-    return c.labels_B.device
-
-
-def compare(row: dict, base: dict, c, base_c) -> None:
-    """Ratios of a row against the baseline row of the same rounds (and agreement on the same seed)."""
-    row["speedup_vs_baseline"] = base["median_s"] / row["median_s"]
-    n = min(len(row["times_s"]), len(base["times_s"]))
-    row["speedup_vs_baseline_paired"] = statistics.median(b / t for b, t in zip(base["times_s"][:n], row["times_s"][:n]))
-    if c.kind == "ours" and base_c.kind == "ours":
-        row["kv_bytes_ratio_vs_baseline"] = row["kv_bytes_peak"] / max(1, base["kv_bytes_peak"])
-        extra = row.get("extra", {})
-        records = list(zip(extra.get("kv_len_per_layer", []), extra.get("kv_bytes_after_compression", [])))
-        last = max((r["scale"] for r, _ in records), default=0)
-        kept = [nbytes for r, nbytes in records if r["scale"] < last]  # the cache after the last scale goes nowhere
-        carried = base.get("kv_bytes_per_scale", [])[:-1]  # what each baseline forward hands to the next
-        if kept and carried and "kv_bytes_after_compression" not in base.get("extra", {}):
-            # the cache a compressing policy carries between scales (its budget), against the uncompressed one:
-            # the peak above also holds the current scale's own entries, which no budget removes
-            row["kv_kept_ratio_vs_baseline"] = max(kept) / max(carried)
-        row["token_agreement_vs_baseline"] = float(torch.cat([(a == b).float().flatten() for a, b in
-                                                             zip(c.out.tokens, base_c.out.tokens)]).mean())
-        if c.out.images is not None and base_c.out.images is not None:
-            row["psnr_vs_baseline_db"] = mean_psnr(c.out.images, base_c.out.images)
-
-
-def reference_ratios(rows: list[dict], decoder_row: dict | None) -> None:
-    """Every row of ours against the public loop of the same batch: generation only (its decoder never
-    called), decoder-subtracted (its full call minus its decoder alone) and the full pipeline (both decode)."""
-    plain = next((r for r in rows if r["kind"] == "reference" and not r["decoded"]), None)
-    full = next((r for r in rows if r["kind"] == "reference" and r["decoded"]), None)
-    for r in rows:
-        if r["kind"] != "ours":
-            continue
-        if r["decoded"]:
-            if full is not None:
-                r["speedup_vs_reference_full_pipeline"] = full["median_s"] / r["median_s"]
-            continue
-        if plain is not None:
-            r["speedup_vs_reference_generation_only"] = plain["median_s"] / r["median_s"]
-        if full is not None:
-            r["speedup_vs_reference_decoder_subtracted"] = full["generation_only"]["median_s"] / r["median_s"]
-            if decoder_row is not None:
-                r["speedup_vs_reference_full_pipeline"] = full["median_s"] / (r["median_s"] + decoder_row["median_s"])
-
-
 def check_against_reference(var, vae, labels_B, seed, sampling, ref_c) -> dict:
     """Our default loop with rng='reference' vs the public loop's last output, same weights and seed: its
     latent when its decoder was shadowed (then a differing token would move f_hat by a whole code), else
     its images."""
-    from samplers import Sampler
     ours = Sampler(var, vae, rng="reference").sample(labels_B, seed=seed, decode=ref_c.full, **sampling)
     mine = ours.images if ref_c.full else (ours.f_hat + 1) * 0.5
     diff = (mine.float() - ref_c.images.float()).abs().max().item()
     what = "images" if ref_c.full else "(f_hat + 1) / 2"
     return {"what": f"default:rng=reference vs the public loop, same seed: max |{what} difference|",
             "compared": what, "max_abs_diff": diff, "bitwise_equal": diff == 0.0}
-
-
-def count_model_flops(contenders: dict, rows: dict, batch: int, baseline: str) -> None:
-    """Model FLOPs per image of one more (untimed) call of every contender of ours (benchmarks.measure.flop_counter:
-    matmuls, convolutions and attention, the decoder when it decodes; not the elementwise work such as the token
-    draw), and the baseline's over each: the speed-up a purely compute-bound device would give."""
-    for k, c in contenders.items():
-        if c.kind == "ours":
-            rows[k]["model_flops_per_image"] = count_flops(c) / batch
-    base = rows[baseline].get("model_flops_per_image")
-    for r in rows.values():
-        if base and r.get("model_flops_per_image"):
-            r["model_flop_ratio_vs_baseline"] = base / r["model_flops_per_image"]
 
 
 def run_batch(specs: list[Spec], baseline: str, var, vae, extras, batch: int, args, sampling, ref_var,
@@ -373,26 +140,6 @@ def run_batch(specs: list[Spec], baseline: str, var, vae, extras, batch: int, ar
     return out, checks
 
 
-def profile_table(contender, calls: int, rows: int = 15) -> dict:
-    """Where a contender's time goes: torch.profiler over `calls` more calls, operators by self CPU time."""
-    from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        for _ in range(calls):
-            contender()
-    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
-    total = sum(e.self_cpu_time_total for e in events)
-    return {"calls": calls, "self_cpu_total_s": total / 1e6, "top_ops": [
-        {"op": e.key, "self_cpu_s": e.self_cpu_time_total / 1e6, "share": e.self_cpu_time_total / total,
-         "count": e.count} for e in events[:rows]]}
-
-
-def load_average() -> list[float] | None:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return None
-
-
 def run(args) -> dict:
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
@@ -415,7 +162,6 @@ def run(args) -> dict:
     if any(s.name == "reference" for s in specs):
         if not args.reference_checkout:
             raise ValueError("--sampler reference needs --reference-checkout PATH (a checkout of FoundationVision/VAR)")
-        from benchmarks.reference_loop import build_reference
         ref_var = build_reference(args.reference_checkout, var, vae)
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     sampling = dict(cfg=args.cfg, top_k=args.top_k, top_p=args.top_p)
@@ -478,25 +224,10 @@ def add_proxy_quality(args, specs, var, vae, extras, sampling, rows, batch) -> l
     return paired_fd(quality, features, args.paired_fd)
 
 
-def split_specs(text: str) -> list[str]:
-    """Legacy --samplers: separated by ';' (commas then separate each one's options) or, without options, by ','."""
-    return [s.strip() for s in text.split(";" if ":" in text else ",") if s.strip()]
-
-
 def _shown(path: str) -> str:
     """Paths inside the repository are recorded relative to it, so committed results do not name a machine."""
     p = Path(path).resolve()
     return str(p.relative_to(SHIPPED.parents[1])) if p.is_relative_to(SHIPPED.parents[1]) else path
-
-
-def _jsonable(obj):
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, torch.Tensor):
-        return obj.tolist()
-    return obj if isinstance(obj, (int, float, str, bool, type(None))) else str(obj)
 
 
 def _spec_pair(text: str) -> tuple[str, str]:
@@ -518,8 +249,6 @@ def _batch_repeats(text: str) -> list[tuple[int, int]]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from training.errors import make_parser
-
     p = make_parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--vae", default=str(SHIPPED / "tokenizer.safetensors"))
     p.add_argument("--var", default=str(SHIPPED / "var_drafter.safetensors"))
@@ -571,7 +300,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
     args.argv = argv
-    from benchmarks.readme_tables import markdown_table, write_outputs
     if args.markdown:
         print(markdown_table(json.loads(Path(args.markdown).read_text())))
         return
@@ -582,8 +310,5 @@ def main(argv=None) -> None:
     write_outputs(results, Path(args.out))
     print(markdown_table(results))
 
-
 if __name__ == "__main__":
-    from training.errors import run_cli
-
     sys.exit(run_cli(main))

@@ -1,9 +1,10 @@
 """Machine measurements shared by the benchmarks: process memory, device synchronisation, model FLOPs (with the
-CPU attention kernel counted), and the matmul peak every FLOP/s figure is divided by (measured in the same run,
-same dtype and threads)."""
+CPU attention kernel counted), the matmul peak every FLOP/s figure is divided by (measured in the same run,
+same dtype and threads), the machine's usable CPUs and load, and the median/IQR summary of repeated values."""
 from __future__ import annotations
 
 import os
+import statistics
 import time
 
 import torch
@@ -70,3 +71,20 @@ def count_flops(fn) -> int:
     with flop_counter() as counter:
         fn()
     return counter.get_total_flops()
+
+
+def median_iqr(values: list[float]) -> dict:
+    """Median and inter-quartile range (inclusive quartiles) of repeated measurements."""
+    q = statistics.quantiles(values, n=4, method="inclusive") if len(values) > 1 else [values[0]] * 3
+    return {"median": statistics.median(values), "iqr": q[2] - q[0], "values": list(values)}
+
+
+def usable_cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def load_average() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None

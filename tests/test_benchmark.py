@@ -1,4 +1,5 @@
-"""benchmarks/benchmark.py: one protocol, interleaved rounds, ratios against the baseline of the same rounds."""
+"""benchmarks/benchmark.py (with contenders.py and rows.py): one protocol, interleaved rounds, ratios against the
+baseline of the same rounds."""
 from __future__ import annotations
 
 import json
@@ -8,7 +9,7 @@ import pytest
 import torch
 
 from tests.conftest import make_tiny_pair
-from benchmarks import benchmark
+from benchmarks import benchmark, contenders
 from benchmarks.readme_tables import markdown_table
 from benchmarks.reference_loop import ReferenceContender
 from samplers import Sampler
@@ -27,7 +28,7 @@ def test_benchmark_protocol_on_tiny_models(tmp_path):
     out = tmp_path / "bench"
     specs = ["default", "edit:mask_threshold=0.5", "default:rng=reference", "default:top_k=3,batches=3"]
     with pytest.raises(ValueError, match="no option 'top_k'"):  # sampling settings are global, not per spec
-        benchmark.parse_spec(specs[-1])
+        contenders.parse_spec(specs[-1])
     window = "scalekv:policy=window,budget_frac=0.5"
     benchmark.main(models + [a for s in specs[:3] + [window] for a in ("--sampler", s)] + [
         "--batch-sizes", "1,3", "--repeats", "2", "--warmup", "0", "--top-k", "8", "--peak-matmul-size", "128",
@@ -76,7 +77,7 @@ def test_transformer_flops_are_linear_in_the_batch():
     sampler = Sampler(var, vae)
     counted = []
     for batch in (1, 4):
-        meter = benchmark.TransformerMeter(var)
+        meter = contenders.TransformerMeter(var)
         meter.counting = True
         with meter:
             sampler.sample(torch.arange(batch) % var.num_classes, seed=0, decode=False, top_k=5)
@@ -95,7 +96,7 @@ def test_rounds_alternate_order_and_warmup_is_not_timed():
             return float(len(calls))
         return call
 
-    times, first = benchmark.measure({k: contender(k) for k in "ABC"}, repeats=3, warmup=1)
+    times, first = contenders.measure({k: contender(k) for k in "ABC"}, repeats=3, warmup=1)
     assert "".join(calls) == "ABC" + "ABC" + "CBA" + "ABC"
     assert first == {"A": 1.0, "B": 2.0, "C": 3.0}
     assert times == {"A": [4.0, 9.0, 10.0], "B": [5.0, 8.0, 11.0], "C": [6.0, 7.0, 12.0]}
@@ -103,7 +104,7 @@ def test_rounds_alternate_order_and_warmup_is_not_timed():
 
 @pytest.mark.parametrize("times", [[1.0, 1.0, 1.2, 1.4, 1.4], [1.0, 1.01, 1.02, 1.03, 1.04], [2.0, 1.0, 3.0, 1.5]])
 def test_spread_and_noisy_flag_match_numpy_percentiles(times):
-    s = benchmark.summarise(times, batch=2, threshold=0.1)
+    s = contenders.summarise(times, batch=2, threshold=0.1)
     q1, q3 = np.percentile(times, [25, 75])
     assert s["median_s"] == pytest.approx(np.median(times)) and s["iqr_s"] == pytest.approx(q3 - q1)
     assert s["noisy"] == bool(q3 - q1 > 0.1 * np.median(times))
@@ -111,13 +112,13 @@ def test_spread_and_noisy_flag_match_numpy_percentiles(times):
 
 
 def test_spec_parsing_separates_engine_settings_and_batches():
-    s = benchmark.parse_spec("code+scalekv:draft_scales=3,compile=default,rng=reference,budget_frac=0.35,batches=1/16")
+    s = contenders.parse_spec("code+scalekv:draft_scales=3,compile=default,rng=reference,budget_frac=0.35,batches=1/16")
     assert (s.name, s.engine, s.batches) == ("code+scalekv", {"compile": "default", "rng": "reference"}, [1, 16])
     assert s.options == {"draft_scales": 3, "budget_frac": 0.35}
-    r = benchmark.parse_spec("reference:full,batches=1")
+    r = contenders.parse_spec("reference:full,batches=1")
     assert (r.name, r.options, r.batches) == ("reference", {"full": True}, [1])
     with pytest.raises(ValueError, match="reference takes only"):
-        benchmark.parse_spec("reference:rng=fast")
+        contenders.parse_spec("reference:rng=fast")
 
 
 class _FakeReferenceVAE(torch.nn.Module):

@@ -8,7 +8,8 @@ import pytest
 from PIL import Image
 
 from benchmarks import training_pipeline as tp
-from benchmarks import training_report
+from benchmarks import training_report, training_scaling
+from benchmarks.measure import count_flops, median_iqr
 from training.errors import run_cli
 from var.config import VARConfig
 
@@ -30,7 +31,7 @@ def test_step_flops_equal_the_analytic_count():
     cfg = VARConfig(num_classes=3, depth=2, embed_dim=32, num_heads=2, patch_nums=(1, 2, 3), vocab_size=16,
                     z_channels=4, drop_path_rate=0.0)
     _, step = tp.make_train_step(cfg, batch=2, seed=0)
-    assert tp.count_flops(step) == analytic_step_flops(B=2, D=2, C=32, L=cfg.seq_len, V=16, z=4)
+    assert count_flops(step) == analytic_step_flops(B=2, D=2, C=32, L=cfg.seq_len, V=16, z=4)
 
 
 def test_throughput_from_metrics_log():
@@ -38,18 +39,18 @@ def test_throughput_from_metrics_log():
                {"step": 2, "val_loss": 1.8},  # a validation line: no wall_s, ignored
                {"step": 3, "loss": 1.7, "wall_s": 5.5}, {"step": 4, "loss": 1.6, "wall_s": 6.5},
                {"step": 5, "loss": 1.5, "wall_s": 8.0, "images_per_s": 5.0}]
-    one = tp.log_throughput(records, global_batch=8, warmup_steps=1)
+    one = training_scaling.log_throughput(records, global_batch=8, warmup_steps=1)
     assert one["timed_steps"] == 4 and one["seconds"] == pytest.approx(5.0)
     assert one["images_per_s"] == pytest.approx(4 * 8 / 5.0) and one["step_s_median"] == pytest.approx(1.25)
     assert one["trainer_images_per_s_median"] == 5.0  # the trainer's own meter is carried along, not used
-    two = tp.log_throughput(records, global_batch=8, warmup_steps=2)
+    two = training_scaling.log_throughput(records, global_batch=8, warmup_steps=2)
     assert two["images_per_s"] == pytest.approx(3 * 8 / 4.0)
     with pytest.raises(ValueError, match="too few"):
-        tp.log_throughput(records, global_batch=8, warmup_steps=5)
+        training_scaling.log_throughput(records, global_batch=8, warmup_steps=5)
 
 
-def test_summarise_is_median_and_inclusive_iqr():
-    s = tp.summarise([4.0, 1.0, 3.0, 2.0, 5.0])
+def test_median_iqr_is_median_and_inclusive_iqr():
+    s = median_iqr([4.0, 1.0, 3.0, 2.0, 5.0])
     assert s["median"] == 3.0 and s["iqr"] == pytest.approx(4.0 - 2.0)
 
 
@@ -75,7 +76,7 @@ def test_tables_and_plot_of_every_section(tmp_path):
     row = tp.bench_mfu_shape("tiny, depth 1", cfg, batch=2, repeats=1, seed=0)
     peak = 1e10
     row["mfu"] = row["achieved_flops_per_s"] / peak
-    s = lambda v: tp.summarise([v])  # noqa: E731
+    s = lambda v: median_iqr([v])  # noqa: E731
     scaling_rows = [{"setup": name, "processes": p, "threads_per_process": 1, "images_per_s": s(ips), "step_s": s(8 / ips),
                      "vs_1_process": s(ips / 10.0)} for name, p, ips in (("1 process", 1, 10.0), ("2 processes", 2, 17.0))]
     result = {"meta": {"date": "2026-01-01T00:00:00+00:00", "machine": "x86_64", "usable_cpus": 2, "torch": "2",
