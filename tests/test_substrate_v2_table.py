@@ -23,6 +23,8 @@ def test_cases_cover_the_papers_settings():
                    "sjd:draft=random", "sjd:draft=var", "sjd:draft=dd", "dd:schedule=1step", "dd:schedule=2step"):
         assert any(needed in s for s in specs), needed
     assert all(c.paper for c in substrate_v2.CASES)
+    for draft in ("jacobi", "random", "var", "dd"):  # the 0.95x target asks it of every draft source, both policies
+        assert f"sjd:draft={draft}" in specs and f"sjd:draft={draft},window_policy=adaptive" in specs, draft
 
 
 def _row(spec, batch, speed, iqr_frac=0.04, **extra):
