@@ -26,38 +26,44 @@ def summarise(times: list[float], batch: int, threshold: float) -> dict:
 
 
 class TransformerMeter:
-    """Times (and, when `counting`, counts the FLOPs of) every call of a VAR's blocks and head, by shadowing
-    the two methods on the instance; the engine looks them up per sample, so nothing in samplers/ changes."""
+    """Times (and, when `counting`, counts the FLOPs of) every pass of a VAR's blocks and of its head through
+    forward hooks, PyTorch's own instrumentation points: a pass runs from the pre-hook of its first module
+    (`shared_ada_lin`, the conditioning every block pass starts with; `head_nm`) to the hook of its last
+    (`blocks[-1]`; `head`). Neither the model nor samplers/ changes; the hooks are removed on exit."""
 
     def __init__(self, var):
         self.var, self.calls_s, self.flops, self.counting = var, [], 0, False
         self.rounds_s: list[float] = []  # transformer seconds of each metered call of the sampler
+        self._handles, self._start, self._counter = [], 0.0, None
 
-    def _wrap(self, fn):
-        def timed(*args, **kwargs):
-            device = args[0].device
-            sync(device)
-            start = time.perf_counter()
-            if self.counting:
-                with flop_counter() as counter:
-                    out = fn(*args, **kwargs)
-                self.flops += counter.get_total_flops()
-            else:
-                out = fn(*args, **kwargs)
-            sync(device)
-            self.calls_s.append(time.perf_counter() - start)
-            self.rounds_s[-1] += self.calls_s[-1]
-            return out
-        return timed
+    def _begin(self, module, args) -> None:
+        sync(args[0].device)
+        if self.counting:
+            self._counter = flop_counter()
+            self._counter.__enter__()
+        self._start = time.perf_counter()
+
+    def _end(self, module, args, out) -> None:
+        sync(out.device)
+        elapsed = time.perf_counter() - self._start
+        if self._counter is not None:
+            self._counter.__exit__(None, None, None)
+            self.flops += self._counter.get_total_flops()
+            self._counter = None
+        self.calls_s.append(elapsed)
+        self.rounds_s[-1] += elapsed
 
     def __enter__(self):
         self.rounds_s.append(0.0)
-        self.var.run_blocks = self._wrap(type(self.var).run_blocks.__get__(self.var))
-        self.var.logits = self._wrap(type(self.var).logits.__get__(self.var))
+        v = self.var
+        for first, last in ((v.shared_ada_lin, v.blocks[-1]), (v.head_nm, v.head)):
+            self._handles += [first.register_forward_pre_hook(self._begin), last.register_forward_hook(self._end)]
         return self
 
     def __exit__(self, *exc):
-        del self.var.run_blocks, self.var.logits
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
 
 
 @dataclass
