@@ -18,17 +18,23 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import time
 import tomllib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator
 from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+from samplers.dd.flow_map import FlowSampler
 from training.atomic import atomic_write, atomic_write_json
+from training.checkpoint import load_any
+from training.errors import make_parser, run_cli
+from var.config import from_dict, load_toml
 
 MANIFEST_FORMAT = "dd-dataset"
 MANIFEST_VERSION = 1
@@ -155,8 +161,6 @@ def generate(cfg: DDConfig, teacher, vae, *, process_index: int = 0, num_process
     """Write this process's missing shards (shard j belongs to process j mod num_processes).
     stop_after: write at most that many shards (a time-boxed run; rerun to continue). barrier: called after
     the manifest is written (accelerator.wait_for_everyone). Returns the shards written by this call."""
-    from samplers.dd.flow_map import FlowSampler
-
     if not 0 <= process_index < num_processes:
         raise ValueError(f"process_index {process_index} outside [0, {num_processes})")
     data_dir = Path(cfg.data_dir)
@@ -221,8 +225,6 @@ class DDDataset:
 
 
 def load_dd_config(path: str, overrides: list[str]) -> DDConfig:
-    from var.config import from_dict, load_toml
-
     raw = load_toml(path)
     table = dict(raw.get("dd", {}))
     for text in overrides:
@@ -237,18 +239,12 @@ def load_dd_config(path: str, overrides: list[str]) -> DDConfig:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from training.errors import make_parser
-
     parser = make_parser(description=__doc__)
     parser.add_argument("--config", required=True, help="TOML file with a [dd] table (e.g. configs/fmnist_dd.toml)")
     parser.add_argument("--set", action="append", default=[], metavar="dd.KEY=VALUE", help="override a [dd] value")
     parser.add_argument("--stop-after", type=int, default=None, help="write at most N shards per process, then stop")
     parser.add_argument("--num-threads", type=int, default=0, help="CPU threads for torch (0: default)")
     args = parser.parse_args(argv)
-    from accelerate import Accelerator
-
-    from training.checkpoint import load_any
-
     cfg = load_dd_config(args.config, args.set)
     if not cfg.teacher or not cfg.tokenizer:
         raise ValueError(f"{args.config}[dd]: set teacher = <VAR checkpoint> and tokenizer = <its tokenizer>")
@@ -267,8 +263,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    import sys
-
-    from training.errors import run_cli
-
     sys.exit(run_cli(main))

@@ -15,6 +15,7 @@ another model is refused. CLI: python -m samplers.scalekv.calibration --var V.sa
 """
 from __future__ import annotations
 
+import sys
 
 import torch
 
@@ -23,6 +24,7 @@ from samplers.scalekv.calibration_file import FORMAT, VERSION, load_calibration,
 from samplers.scalekv.policies import CompressionRecord, KVPolicy
 from samplers.scalekv.sampler import ScaleKV
 from training.checkpoint import load_any
+from training.errors import make_parser, run_cli
 
 
 
@@ -124,8 +126,6 @@ def calibrate(var, vae, labels, seeds, *, drafter_frac: float = 0.08, hist_topk:
 
 
 def main(argv=None) -> None:
-    from training.errors import make_parser
-
     p = make_parser(description="ScaleKV calibration of one VAR model")
     p.add_argument("--var", required=True, help="VAR checkpoint (.safetensors or official .pth)")
     p.add_argument("--tokenizer", required=True, help="its tokenizer checkpoint")
@@ -146,8 +146,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    import sys
-
-    from training.errors import run_cli
-
     sys.exit(run_cli(main))
