@@ -20,7 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from training.atomic import atomic_write, atomic_write_json
+from training.atomic import atomic_write, atomic_write_json, file_sha256
 
 FORMAT_NAME = "var-toolkit-proxy-classifier"
 FORMAT_VERSION = 1
@@ -110,8 +110,6 @@ def save_classifier(path: str | Path, model: ProxyClassifier, record: dict | Non
 
 
 def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> ProxyClassifier:
-    from training.atomic import file_sha256
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"proxy classifier {path} does not exist; the shipped one is "

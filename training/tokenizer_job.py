@@ -29,8 +29,10 @@ from torch import nn
 from tokenizers.config import VQVAEConfig
 from tokenizers.losses import PatchDiscriminator, VGGPerceptual, adaptive_gan_weight, hinge_d_loss
 from tokenizers.vqvae import VQVAE
+from training.checkpoint import load_any, load_state_dict_checked, save_model
 from training.images import grid_image, psnr
 from training.loader import ImageSamples, collate_images
+from training.optim import build_adamw
 from training.job import TrainJob
 from training.transforms import VARTransform
 
@@ -39,8 +41,6 @@ class TokenizerJob(TrainJob):
     export_name = "tokenizer"
 
     def __init__(self, cfg, vae_config: VQVAEConfig, dataset, device: torch.device, val_dataset=None):
-        from training.checkpoint import load_any, load_state_dict_checked
-
         self.cfg, self.lcfg, self.dataset, self.val = cfg, cfg.loss, dataset, val_dataset
         self.transform = VARTransform.from_config(cfg.data)
         self.model = VQVAE(vae_config)
@@ -61,8 +61,6 @@ class TokenizerJob(TrainJob):
         return [self.disc] if self.disc is not None else []
 
     def extra_optimizers(self, optim_cfg) -> list:
-        from training.optim import build_adamw
-
         if self.disc is None:
             return []
         return [build_adamw(self.disc, optim_cfg, lr_ratio=self.lcfg.disc_lr_ratio, decay_groups=False)]
@@ -178,6 +176,4 @@ class TokenizerJob(TrainJob):
         return grid_image(torch.cat([img, recon]).add(1).div(2), nrow=len(img))
 
     def export(self, path: Path, model: VQVAE) -> None:
-        from training.checkpoint import save_model
-
         save_model(path, model, extra={"classes": list(getattr(self.dataset, "classes", []))})

@@ -21,13 +21,14 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from samplers.base import check_models_compatible
-from samplers.dd.sampler import DDSampler
-from training.checkpoint import load_any, load_model, read_metadata, save_model
 from samplers.dd.data import DDConfig, DDDataset, model_fingerprint
+from samplers.dd.sampler import DDSampler
 from samplers.dd.student import DDStudent
-from training.images import grid_image
+from training.checkpoint import load_any, load_model, read_metadata, save_model
 from training.config import TrainConfig
+from training.images import grid_image
 from training.job import TrainJob
+from var.config import from_dict
 
 
 def dd_loss(forward, student: DDStudent, codebook_VC: torch.Tensor, labels_B: torch.Tensor, noise_BLC: torch.Tensor,
@@ -208,6 +209,4 @@ class DDJob(TrainJob):
 
 def build_dd_job(cfg: TrainConfig, table: dict, config_path: str, device: torch.device, main_process: bool) -> DDJob:
     """The [dd] table -> DDJob (what train.py calls for `train.py dd`)."""
-    from var.config import from_dict
-
     return DDJob(cfg, from_dict(DDConfig, table, f"{config_path}[dd]"), device, main_process)
