@@ -5,8 +5,8 @@ checkpoints/ is in the repository, and the peak lr its comment states is the one
 from __future__ import annotations
 
 import re
-from types import SimpleNamespace
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 

@@ -32,8 +32,8 @@ from tokenizers.vqvae import VQVAE
 from training.checkpoint import load_any, load_state_dict_checked, save_model
 from training.images import grid_image, psnr
 from training.loader import ImageSamples, collate_images
-from training.optim import build_adamw
 from training.job import TrainJob
+from training.optim import build_adamw
 from training.transforms import VARTransform
 
 

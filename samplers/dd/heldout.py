@@ -17,9 +17,9 @@ from datetime import datetime, timezone
 import torch
 
 from samplers.dd.data import DDDataset, model_fingerprint
-from samplers.dd.job import evaluate_pairs
+from samplers.dd.job import check_student_file, evaluate_pairs
 from training.atomic import atomic_write_json, file_sha256
-from training.checkpoint import load_any, load_model, read_metadata
+from training.checkpoint import load_any, load_model
 from training.errors import make_parser, run_cli
 
 
@@ -45,15 +45,6 @@ def parse_student(text: str) -> tuple[str, str]:
     return name, path
 
 
-def check_student(path: str, manifest: dict) -> None:
-    meta = read_metadata(path)
-    if meta["kind"] != "dd_student":
-        raise ValueError(f"--student {path} holds a {meta['kind']} checkpoint; pass a dd_student")
-    if meta["extra"].get("teacher_fingerprint") != manifest["teacher_fingerprint"]:
-        raise ValueError(f"--student {path} was distilled from other teacher weights than the dataset's; score it "
-                         f"on pairs drawn from its own teacher")
-
-
 def score(data_dir: str, tokenizer: str, students: list[tuple[str, str]], val_samples: int,
           batch_size: int = 256, device: str = "cpu") -> dict:
     data = DDDataset(data_dir)
@@ -62,13 +53,14 @@ def score(data_dir: str, tokenizer: str, students: list[tuple[str, str]], val_sa
     if model_fingerprint(vae) != data.manifest["tokenizer_fingerprint"]:
         raise ValueError(f"--tokenizer {tokenizer} is not the tokenizer that made {data_dir}; pass that one")
     codebook_VC = vae.quantize.embedding.weight.detach()
-    for _, path in students:
-        check_student(path, data.manifest)
+    for name, path in students:
+        check_student_file(path, data.manifest["teacher_fingerprint"], f"--student {name}", f"those of {data_dir}",
+                           "pass a dd_student", "score it on pairs drawn from its own teacher")
     scores = {name: evaluate_pairs(load_model(path, "dd_student").to(device), codebook_VC, tail, batch_size)
               for name, path in students}
     return {"data": data_dir, "held_out": f"pairs {tail.offset}..{len(data) - 1} of {len(data)}",
-            "students": {name: {"path": path, "sha256": file_sha256(path)} for name, path in students}, "written_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "scores": scores}
+            "students": {name: {"path": path, "sha256": file_sha256(path)} for name, path in students},
+            "written_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"), "scores": scores}
 
 
 def finest_accuracy(metrics: dict) -> float:

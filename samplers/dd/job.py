@@ -100,16 +100,23 @@ class HeldOutPairs(Dataset):
         return self.offset + index, epoch
 
 
+def check_student_file(path: str, teacher_fingerprint: str, source: str, teacher: str, kind_fix: str,
+                       teacher_fix: str) -> None:
+    """A dd_student checkpoint distilled from these teacher weights, read from its metadata before any loading
+    (source names the setting that passed it, teacher the weights it must match; *_fix: how to mend each)."""
+    meta = read_metadata(path)
+    if meta["kind"] != "dd_student":
+        raise ValueError(f"{source} = {path} holds a {meta['kind']} checkpoint; {kind_fix}")
+    if meta["extra"].get("teacher_fingerprint") != teacher_fingerprint:
+        raise ValueError(f"{source} = {path} was distilled from other teacher weights than {teacher}; {teacher_fix}")
+
+
 def continued_student(path: str, teacher_fingerprint: str, dd: DDConfig) -> DDStudent:
     """train.init_from for the dd job: a student to train further (e.g. on a larger dataset). It must have been
     distilled from these teacher weights with the same t2 and loss_split, or its slots would mean other things."""
-    meta = read_metadata(path)
-    if meta["kind"] != "dd_student":
-        raise ValueError(f"train.init_from = {path} holds a {meta['kind']} checkpoint; the dd job continues a "
-                         f"dd_student (leave train.init_from empty to start the student from dd.teacher)")
-    if meta["extra"].get("teacher_fingerprint") != teacher_fingerprint:
-        raise ValueError(f"train.init_from = {path} was distilled from other teacher weights than {dd.teacher}; "
-                         f"continue a student of this teacher or leave train.init_from empty")
+    check_student_file(path, teacher_fingerprint, "train.init_from", dd.teacher,
+                       "the dd job continues a dd_student (leave train.init_from empty to start the student from "
+                       "dd.teacher)", "continue a student of this teacher or leave train.init_from empty")
     student = load_model(path, "dd_student")
     if (student.t2, student.loss_split) != (dd.t2, dd.loss_split):
         raise ValueError(f"train.init_from = {path} has t2 = {student.t2}, loss_split = {student.loss_split}, but "
