@@ -2,13 +2,16 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from einops import rearrange
 from scipy.ndimage import maximum_filter1d
 
 from samplers import DefaultSampler, build_sampler
+from samplers.engine import conditions as conditions_for
 from samplers.scalekv.calibration import (asi_terms, calibrate, identify_drafters, load_calibration, save_calibration,
                                   zscore_per_scale)
 from samplers.scalekv.policies import (KVPolicy, pool_scores, peak_cache_len, scale_lengths, select_topk,
@@ -16,6 +19,7 @@ from samplers.scalekv.policies import (KVPolicy, pool_scores, peak_cache_len, sc
 from samplers.scalekv.sampler import ScaleKVSampler, allocate_scale, build_policy, even_fill
 from tests.test_code import LABELS, PN, same_tokens, tiny_var
 from tokenizers import VQVAE, VQVAEConfig
+from training.checkpoint import load_any
 
 
 @pytest.fixture(scope="module")
@@ -115,6 +119,42 @@ def test_select_topk_and_pooling_against_brute_force():
         select_topk(scores, keep, budget=0)
 
 
+def test_select_topk_breaks_ties_towards_earlier_positions():
+    """Integer scores, so most entries tie: the kept set must be the first `budget` entries of a stable sort
+    by (window first, then descending score, then position), enumerated by hand, and come back in order."""
+    g = torch.Generator().manual_seed(1)
+    scores = torch.randint(0, 3, (3, 4, 17), generator=g).float()
+    scores[0, 0, 5:9] = float("-inf")  # entries whose whole pooling neighbourhood was excluded
+    keep = torch.tensor([13, 15, 16])
+    for budget in (1, 2, 3, 4, 9, 16, 17):
+        idx = select_topk(scores, keep, budget)
+        assert idx.shape == (3, 4, budget) and bool((idx[..., 1:] > idx[..., :-1]).all())
+        for b in range(3):
+            for h in range(4):
+                rank = {i: (0 if budget >= len(keep) and i in keep.tolist() else 1, -float(scores[b, h, i]), i)
+                        for i in range(17)}
+                assert idx[b, h].tolist() == sorted(sorted(range(17), key=rank.__getitem__)[:budget])
+    with pytest.raises(ValueError, match="exceeds"):
+        select_topk(scores, keep, 18)
+
+
+def test_logit_scores_are_the_summed_window_logits(setup):
+    """'logits' scores use one summed query per head, (sum_w q_w) . k; without pooling they must equal the
+    window's attention logits summed over the window, as the layer computes them (linearity of q . k)."""
+    vae, var, _ = setup
+    policy = build_policy("snapkv", var, 0.4, pooling="none")
+    cache, queries = var.new_cache(), [None] * var.depth
+    tokens = DefaultSampler(var, vae).sample(LABELS, seed=0, cfg=1.5, top_k=10, decode=False).tokens
+    x_tf = vae.quantize.teacher_forcing_input(tokens).repeat(2, 1, 1)
+    cond, si = conditions_for(var, LABELS), 4
+    with torch.no_grad():
+        var.run_blocks(var.embed(cond, x_tf[:, :scale_lengths(PN)[si] - 1], 0, si + 1), cond, cache, 0,
+                       lambda layer, q, k: queries.__setitem__(layer, q))
+        for layer in range(var.depth):
+            expect = policy.window_logits(cache, var, layer, si, queries).sum(dim=2)
+            torch.testing.assert_close(policy.scores(cache, var, layer, si, queries), expect, atol=1e-5, rtol=1e-5)
+
+
 def test_window_geometry():
     assert window_offsets(4).tolist() == list(range(16))
     off = window_offsets(8)
@@ -199,9 +239,6 @@ def test_registry_and_bad_options(setup):
 def test_scores_come_from_the_attention_the_layer_really_computes(setup):
     """softmax(window logits) @ cached V must reproduce the layer's own attention output (captured before
     `proj` by a forward hook) at the window positions: same normalised q, k and scale as the model."""
-    from einops import rearrange
-
-    from samplers.engine import conditions as conditions_for
     vae, var, _ = setup
     policy = build_policy("snapkv", var, 0.4)
     captured = {}
@@ -269,9 +306,6 @@ def test_window_entries_take_no_part_in_pooling():
 def test_scalekv_keeps_other_positions_than_snapkv_at_equal_budgets():
     """On the shipped drafter with its calibration: every compressed scale has drafter layers, the per-layer
     budgets differ from the uniform ones, and so do the kept positions (same seeds, same mean budget)."""
-    from pathlib import Path
-
-    from training.checkpoint import load_any
     root = Path(__file__).resolve().parents[1] / "checkpoints" / "fmnist"
     vae = load_any(root / "tokenizer.safetensors", "vqvae")
     var = load_any(root / "var_drafter.safetensors", "var")

@@ -112,19 +112,24 @@ class KVCache:
     def select(self, layer: int, index_BHk: torch.Tensor) -> None:
         """Keep, per row and head, the entries at `index_BHk` (indices into the layer's current entries),
         compacted in place into the first k slots in positional order."""
-        n, c = self._len[layer], self._k[layer].shape[-1]
-        idx = index_BHk.sort(dim=-1).values
-        k_keep = idx.shape[-1]
+        n, (B, H, N, c) = self._len[layer], self._k[layer].shape
+        idx_BHk = index_BHk.sort(dim=-1).values
+        k_keep = idx_BHk.shape[-1]
         if k_keep > n:
             raise ValueError(f"cannot keep {k_keep} entries of layer {layer}, which holds {n}")
-        gather = idx.unsqueeze(-1).expand(-1, -1, -1, c)
-        # gather first (a copy), then write: the kept slots overlap the source slots
-        k_sel = self._k[layer][:, :, :n].gather(2, gather)
-        v_sel = self._v[layer][:, :, :n].gather(2, gather)
-        p_sel = self._pos[layer][:, :, :n].gather(2, idx)
-        self._k[layer][:, :, :k_keep].copy_(k_sel)
-        self._v[layer][:, :, :k_keep].copy_(v_sel)
-        self._pos[layer][:, :, :k_keep].copy_(p_sel)
+        if idx_BHk.shape[:2] != (B, H) or (k_keep and bool((idx_BHk[..., 0] < 0).any() | (idx_BHk[..., -1] >= n).any())):
+            raise ValueError(f"indices for layer {layer} must be (B, H, k) = ({B}, {H}, k) with values in [0, {n}), "
+                             f"got shape {tuple(index_BHk.shape)}")
+        # one flat row index per kept entry: whole head_dim rows are copied (index_select), far cheaper on CPU
+        # than a gather whose index is expanded over head_dim; the copy comes first, as kept slots overlap sources
+        row_BH1 = torch.arange(B * H, device=idx_BHk.device).view(B, H, 1) * N
+        flat = (idx_BHk + row_BH1).flatten()
+        k_sel = self._k[layer].view(B * H * N, c).index_select(0, flat)
+        v_sel = self._v[layer].view(B * H * N, c).index_select(0, flat)
+        p_sel = self._pos[layer].view(B * H * N).index_select(0, flat)
+        self._k[layer][:, :, :k_keep].copy_(k_sel.view(B, H, k_keep, c))
+        self._v[layer][:, :, :k_keep].copy_(v_sel.view(B, H, k_keep, c))
+        self._pos[layer][:, :, :k_keep].copy_(p_sel.view(B, H, k_keep))
         self._len[layer] = k_keep
 
     # ---- memory --------------------------------------------------------------------------------------

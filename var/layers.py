@@ -79,7 +79,7 @@ class SelfAttention(nn.Module):
     def attention_logits(self, q_BHqc: torch.Tensor, k_BHLc: torch.Tensor) -> torch.Tensor:
         """(B, H, q, L) float32 pre-softmax logits, exactly what the layer's SDPA computes before the mask:
         q.k with this layer's scale (q, k as `qkv` returns them: normalised, head scale already in q)."""
-        return torch.einsum("bhqc,bhlc->bhql", q_BHqc.float(), k_BHLc.float()) * self.scale
+        return (q_BHqc.float() @ k_BHLc.float().transpose(-1, -2)) * self.scale
 
     def forward(self, x_BLC: torch.Tensor, attn_bias: torch.Tensor | None, cache: KVCache | None = None,
                 layer: int = 0, start: int = 0, observer: Observer | None = None,

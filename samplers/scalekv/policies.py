@@ -14,6 +14,7 @@ exactly its budget. Rows (including the CFG half) and heads are selected indepen
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +38,7 @@ def peak_cache_len(patch_nums) -> int:
     return scale_lengths(patch_nums)[-2]
 
 
+@lru_cache(maxsize=None)  # asked for once per layer and scale: built once per map size (read-only)
 def window_offsets(pn: int, window: int = WINDOW_GRID * WINDOW_GRID) -> torch.Tensor:
     """Row-major offsets inside a pn x pn map of the observation window.
 
@@ -91,18 +93,28 @@ def pool_scores(scores_BHL: torch.Tensor, pooling: str, kernel: int,
 
 
 def select_topk(scores_BHL: torch.Tensor, keep_idx: torch.Tensor, budget: int) -> torch.Tensor:
-    """Indices (B, H, budget): the always-kept entries `keep_idx` plus the best-scoring others.
+    """Indices (B, H, budget), in positional order: the always-kept entries `keep_idx` plus the best-scoring others.
 
     A budget smaller than the window (tiny models at small budget fractions) cannot keep it whole: then
-    every entry, window included, competes on its score. Ties go to the earlier position (stable sort).
+    every entry, window included, competes on its score. Ties go to the earlier position, exactly as a stable
+    sort by descending score would break them, but without the sort: a `topk` finds the budget-th largest
+    score, every entry above it is kept, and the earliest entries equal to it fill the remaining slots.
     """
     if budget < 1:
         raise ValueError(f"a KV budget must keep at least 1 entry, got {budget}; raise the budget fraction")
-    ranked = scores_BHL.float().clone()
+    B, H, L = scores_BHL.shape
+    if budget > L:
+        raise ValueError(f"a KV budget of {budget} entries exceeds the {L} entries the layer holds")
+    ranked_BHL = scores_BHL.float()
     if budget >= keep_idx.numel():
-        ranked[..., keep_idx.to(ranked.device)] = float("inf")
-    order = ranked.argsort(dim=-1, descending=True, stable=True)
-    return order[..., :budget]
+        ranked_BHL = ranked_BHL.index_fill(-1, keep_idx.to(ranked_BHL.device), float("inf"))
+    kth_BH1 = ranked_BHL.topk(budget, dim=-1, sorted=False).values.amin(dim=-1, keepdim=True)
+    above_BHL = ranked_BHL > kth_BH1
+    at_BHL = ranked_BHL == kth_BH1
+    free_BH1 = budget - above_BHL.sum(dim=-1, keepdim=True)
+    keep_BHL = above_BHL | (at_BHL & (at_BHL.cumsum(dim=-1) <= free_BH1))
+    # every (row, head) keeps exactly `budget` entries, so the row-major nonzero list reshapes densely
+    return keep_BHL.nonzero()[:, -1].view(B, H, budget)
 
 
 @dataclass
@@ -178,31 +190,38 @@ class SelectionPolicy(KVPolicy):
     def layer_budgets(self, num_layers, patch_nums, si, lens):
         return self.budget_fn(num_layers, patch_nums, si, lens)
 
-    def window_logits(self, cache: KVCache, model, layer: int, si: int, queries) -> torch.Tensor:
-        """(B, H, |W|, L_layer) attention logits of the window queries of scale si on the whole layer cache,
-        computed by the layer itself (`attention_logits`: its normalised q, cached k, its scale)."""
+    def window_queries(self, model, layer: int, si: int, queries) -> torch.Tensor:
+        """(B, H, |W|, c) float32 queries of the observation window of scale si, from the forward's queries."""
         q_BHlc = None if queries is None else queries[layer]
         if q_BHlc is None:
             raise RuntimeError("score-based KV compression needs the forward's queries (the engine records them "
                                "through the model's attention observer when policy.needs_queries)")
         pn = model.patch_nums[si]
-        q_win = q_BHlc[:, :, q_BHlc.shape[2] - pn * pn:][:, :, window_offsets(pn).to(q_BHlc.device)]
+        offsets = window_offsets(pn).to(q_BHlc.device) + (q_BHlc.shape[2] - pn * pn)
+        return q_BHlc.index_select(2, offsets).float()
+
+    def window_logits(self, cache: KVCache, model, layer: int, si: int, queries) -> torch.Tensor:
+        """(B, H, |W|, L_layer) attention logits of the window queries of scale si on the whole layer cache,
+        computed by the layer itself (`attention_logits`: its normalised q, cached k, its scale)."""
         k = cache.keys[layer][:, :, :cache.layer_len(layer)]
-        return model.blocks[layer].attn.attention_logits(q_win.float(), k.float())
+        return model.blocks[layer].attn.attention_logits(self.window_queries(model, layer, si, queries), k)
 
     def scores(self, cache: KVCache, model, layer: int, si: int, queries) -> torch.Tensor:
         """(B, H, L_layer) pooled importance of every cached entry for the window queries of scale si. The window
         entries take no part in the pooling and keep their own raw score: they are kept whenever the budget
         holds the window, and compete on that score only when it does not (tiny budgets)."""
-        logits_BHwL = self.window_logits(cache, model, layer, si, queries)
         if self.score == "softmax":
-            logits_BHwL = logits_BHwL.softmax(dim=-1)
-        scores = logits_BHwL.sum(dim=2)
+            scores = self.window_logits(cache, model, layer, si, queries).softmax(dim=-1).sum(dim=2)
+        else:
+            # logits are linear in q: the sum over the window of q_w . k is (sum_w q_w) . k, one query per head
+            q_sum_BH1c = self.window_queries(model, layer, si, queries).sum(dim=2, keepdim=True)
+            k = cache.keys[layer][:, :, :cache.layer_len(layer)]
+            scores = model.blocks[layer].attn.attention_logits(q_sum_BH1c, k).squeeze(2)
         if not self.per_head:
             scores = scores.mean(dim=1, keepdim=True).expand_as(scores)
         window = window_cache_index(cache.layer_len(layer), model.patch_nums[si]).to(scores.device)
         pooled = pool_scores(scores, self.pooling, self.kernel, exclude_idx=window)
-        pooled[..., window] = scores[..., window].to(pooled.dtype)
+        pooled.index_copy_(-1, window, scores.index_select(-1, window).to(pooled.dtype))
         return pooled
 
     def choose(self, cache, model, layer, si, budget, queries):
