@@ -113,8 +113,11 @@ def select_topk(scores_BHL: torch.Tensor, keep_idx: torch.Tensor, budget: int) -
     at_BHL = ranked_BHL == kth_BH1
     free_BH1 = budget - above_BHL.sum(dim=-1, keepdim=True)
     keep_BHL = above_BHL | (at_BHL & (at_BHL.cumsum(dim=-1) <= free_BH1))
-    # every (row, head) keeps exactly `budget` entries, so the row-major nonzero list reshapes densely
-    return keep_BHL.nonzero()[:, -1].view(B, H, budget)
+    # every (row, head) keeps exactly `budget` entries: kept entry number r goes to slot r, the rest to a spare
+    # slot that is dropped (a scatter, not nonzero: no host sync on CUDA, fixed shapes)
+    slot_BHL = torch.where(keep_BHL, keep_BHL.cumsum(dim=-1) - 1, budget)
+    pos_BHL = torch.arange(L, device=scores_BHL.device).expand(B, H, L)
+    return pos_BHL.new_zeros(B, H, budget + 1).scatter_(-1, slot_BHL, pos_BHL)[..., :budget]
 
 
 @dataclass
