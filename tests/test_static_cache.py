@@ -162,7 +162,8 @@ def test_memory_figures_and_bad_use():
     assert cache.nbytes() == used == 2 * var.depth * 2 * var.begin_ends[1][1] * C * 4
     assert cache.allocated_bytes() == 2 * var.depth * 2 * var.seq_len * C * 4
     n0 = cache.layer_len(0)
-    for bad in (torch.full((2, var.config.num_heads, 1), n0), torch.zeros(1, var.config.num_heads, 1, dtype=torch.long)):
+    H = var.config.num_heads
+    for bad in (torch.full((2, H, 1), n0), torch.zeros(1, H, 1, dtype=torch.long)):
         with pytest.raises(ValueError, match=r"must be \(B, H, k\)"):  # a stale slot past the used entries
             cache.select(0, bad)
     cache.select(0, torch.zeros(2, var.config.num_heads, 1, dtype=torch.long))

@@ -117,7 +117,8 @@ class KVCache:
         k_keep = idx_BHk.shape[-1]
         if k_keep > n:
             raise ValueError(f"cannot keep {k_keep} entries of layer {layer}, which holds {n}")
-        if idx_BHk.shape[:2] != (B, H) or (k_keep and bool((idx_BHk[..., 0] < 0).any() | (idx_BHk[..., -1] >= n).any())):
+        out_of_range = k_keep and bool((idx_BHk[..., 0] < 0).any() | (idx_BHk[..., -1] >= n).any())  # sorted rows
+        if idx_BHk.shape[:2] != (B, H) or out_of_range:
             raise ValueError(f"indices for layer {layer} must be (B, H, k) = ({B}, {H}, k) with values in [0, {n}), "
                              f"got shape {tuple(index_BHk.shape)}")
         # one flat row index per kept entry: whole head_dim rows are copied (index_select), far cheaper on CPU
