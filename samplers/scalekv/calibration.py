@@ -27,7 +27,6 @@ from training.checkpoint import load_any
 from training.errors import make_parser, run_cli
 
 
-
 def asi_terms(attn_BHqL: torch.Tensor, n_current: int, hist_topk: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-query (current ratio, history concentration), each (B, q), of head-averaged attention whose
     last `n_current` keys are the current map."""

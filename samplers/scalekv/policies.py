@@ -206,7 +206,7 @@ class SelectionPolicy(KVPolicy):
     def window_logits(self, cache: KVCache, model, layer: int, si: int, queries) -> torch.Tensor:
         """(B, H, |W|, L_layer) attention logits of the window queries of scale si on the whole layer cache,
         computed by the layer itself (`attention_logits`: its normalised q, cached k, its scale)."""
-        k = cache.keys[layer][:, :, :cache.layer_len(layer)]
+        k = cache.keys[layer]  # the used entries only (a view)
         return model.blocks[layer].attn.attention_logits(self.window_queries(model, layer, si, queries), k)
 
     def scores(self, cache: KVCache, model, layer: int, si: int, queries) -> torch.Tensor:
@@ -218,7 +218,7 @@ class SelectionPolicy(KVPolicy):
         else:
             # logits are linear in q: the sum over the window of q_w . k is (sum_w q_w) . k, one query per head
             q_sum_BH1c = self.window_queries(model, layer, si, queries).sum(dim=2, keepdim=True)
-            k = cache.keys[layer][:, :, :cache.layer_len(layer)]
+            k = cache.keys[layer]  # the used entries only (a view)
             scores = model.blocks[layer].attn.attention_logits(q_sum_BH1c, k).squeeze(2)
         if not self.per_head:
             scores = scores.mean(dim=1, keepdim=True).expand_as(scores)
