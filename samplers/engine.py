@@ -50,8 +50,10 @@ class Sampling:
 
 # ---- policy interfaces ----------------------------------------------------------------------------------
 class CachePolicy:
-    """Called after scale `si` is committed to `cache` of `model`. `queries[layer]` holds that forward's
-    queries (B, H, l, c) when `needs_queries`. Returns a record (or None) that the engine logs."""
+    """Called after scale `si` is committed to `cache` of `model`. `queries[layer]` holds the queries
+    (B, H, pn*pn, c) of scale si in the forward that computed it, when `needs_queries` (a speculative forward
+    may have run past si: its later scales are not the policy's business). Returns a record (or None) that
+    the engine logs."""
     needs_queries = False
 
     def compress(self, cache: KVCache, model: VAR, si: int, queries: list[torch.Tensor | None]):
@@ -162,6 +164,7 @@ class _Running:
         self.run_blocks = compile_blocks(model, plan.compile)
         self.policy = plan.kv_policies.get(stage.name)
         self.queries: list[torch.Tensor | None] = [None] * model.depth
+        self.query_begin = 0  # sequence position of the recorded forward's first query
 
 
 def embed_maps(model: VAR, cond_2BD: torch.Tensor, maps_BlCv: list[torch.Tensor], first: int, end: int) -> torch.Tensor:
@@ -342,6 +345,7 @@ class Engine:
         x_2BLC = embed_maps(model, run.cond_2BD, maps, first, e)
         self.stats.count_forward(run.stage.name, x_2BLC)
         observer = self._record_query if run.policy is not None and run.policy.needs_queries else None
+        run.query_begin = model.begin_ends[first][0]
         hidden = run.run_blocks(x_2BLC, run.cond_2BD, run.cache, first, observer)
         self.stats.record_kv(run.cache)  # held during this forward: history + every map of the window
         skip = model.begin_ends[a][0] - model.begin_ends[first][0]  # prefill: only scales a.. are sampled
@@ -387,7 +391,9 @@ class Engine:
             if si + 1 < K:
                 st.inputs.append(rearrange(nxt, "b c h w -> b (h w) c"))
         if run is not None and run.policy is not None:
-            record = run.policy.compress(run.cache, run.model, c - 1, run.queries)
+            begin, end = (p - run.query_begin for p in run.model.begin_ends[c - 1])
+            queries = [None if q is None else q[:, :, begin:end] for q in run.queries]
+            record = run.policy.compress(run.cache, run.model, c - 1, queries)
             self.stats.record_compression(run.stage.name, run.cache, record)
             run.queries = [None] * run.model.depth  # kept only for this step: never part of the memory peak
         if self.plan.speculation is not None and run is not None:

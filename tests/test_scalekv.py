@@ -149,7 +149,7 @@ def test_logit_scores_are_the_summed_window_logits(setup):
     cond, si = conditions_for(var, LABELS), 4
     with torch.no_grad():
         var.run_blocks(var.embed(cond, x_tf[:, :scale_lengths(PN)[si] - 1], 0, si + 1), cond, cache, 0,
-                       lambda layer, q, k: queries.__setitem__(layer, q))
+                       lambda layer, q, k: queries.__setitem__(layer, q[:, :, -PN[si] ** 2:]))  # scale si's
         for layer in range(var.depth):
             expect = policy.window_logits(cache, var, layer, si, queries).sum(dim=2)
             torch.testing.assert_close(policy.scores(cache, var, layer, si, queries), expect, atol=1e-5, rtol=1e-5)
@@ -253,7 +253,7 @@ def test_scores_come_from_the_attention_the_layer_really_computes(setup):
         si = 4  # prefill scales 0..4 in one forward; the window queries are the 4x4 grid centres of the 5x5 map
         with torch.no_grad():
             var.run_blocks(var.embed(cond, x_tf[:, :scale_lengths(PN)[si] - 1], 0, si + 1), cond, cache, 0,
-                           lambda layer, q, k: queries.__setitem__(layer, q))
+                           lambda layer, q, k: queries.__setitem__(layer, q[:, :, -25:]))  # the 5x5 map's
             for layer in range(var.depth):
                 attn = policy.window_logits(cache, var, layer, si, queries).softmax(-1)
                 out = rearrange(attn @ cache.values[layer], "b h w c -> b w (h c)")
@@ -335,3 +335,45 @@ def test_scalekv_keeps_other_positions_than_snapkv_at_equal_budgets():
     for i in compressed:
         assert sum(sk[i][1]) == sum(sn[i][1])  # the same mean budget
     assert any(not torch.equal(a, b) for i in compressed for a, b in zip(sk[i][2], sn[i][2]))
+
+
+def test_policy_sees_the_queries_of_the_committed_scale_under_speculation(setup):
+    """sjd+scalekv: a speculative forward covers a window of scales, of which only some may be committed. The
+    policy must get the queries of the last committed scale (what its window scores), never the tail of the
+    forward (a later, uncommitted scale), and they must equal a teacher-forced forward's on the final tokens."""
+    vae, var, _ = setup
+    seen = []
+
+    class Spy(KVPolicy):  # records the queries it is given and compresses nothing, so the cache stays exact
+        needs_queries = True
+
+        def compress(self, cache, model, si, queries=None):
+            seen.append((si, [q.clone() for q in queries]))
+            return None
+    sampler = build_sampler("sjd+scalekv", var=var, vae=vae, policy=Spy(), window_scales=3, max_spec_tokens=100)
+    out = sampler.sample(LABELS, cfg=1.5, top_k=10, seed=3, decode=False)
+    # the passes computed more positions than they committed: some forwards ran past the last committed scale
+    assert sum(out.stats.tokens_processed.values()) > 2 * len(LABELS) * scale_lengths(PN)[-1]
+    assert [si for si, _ in seen][-1] == len(PN) - 1
+    x_tf = vae.quantize.teacher_forcing_input(out.tokens).repeat(2, 1, 1)
+    cond, ref = conditions_for(var, LABELS), [None] * var.depth
+    with torch.no_grad():
+        var.run_blocks(var.embed(cond, x_tf, 0, len(PN)), cond, var.new_cache(), 0,
+                       lambda layer, q, k: ref.__setitem__(layer, q))
+    begins = [0] + scale_lengths(PN)
+    for si, queries in seen:
+        for layer in range(var.depth):
+            expect = ref[layer][:, :, begins[si]:begins[si + 1]]
+            assert queries[layer].shape[2] == PN[si] ** 2
+            torch.testing.assert_close(queries[layer], expect, atol=1e-5, rtol=1e-5)
+
+
+def test_window_queries_must_be_the_scales_own(setup):
+    """A policy scores with scale si's queries only; a forward's whole query block (a prefill, a speculative
+    window) is refused with a one-line error instead of silently scoring with another scale's tail."""
+    vae, var, _ = setup
+    policy = build_policy("snapkv", var, 0.4)
+    q = torch.randn(2 * len(LABELS), var.config.num_heads, scale_lengths(PN)[4], var.embed_dim // var.config.num_heads)
+    with pytest.raises(ValueError, match="pass the queries of that scale only"):
+        policy.window_queries(var, 0, 4, [q] * var.depth)
+    assert policy.window_queries(var, 0, 4, [q[:, :, -25:]] * var.depth).shape[2] == 16

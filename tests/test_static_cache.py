@@ -163,9 +163,14 @@ def test_memory_figures_and_bad_use():
     assert cache.allocated_bytes() == 2 * var.depth * 2 * var.seq_len * C * 4
     n0 = cache.layer_len(0)
     H = var.config.num_heads
-    for bad in (torch.full((2, H, 1), n0), torch.zeros(1, H, 1, dtype=torch.long)):
-        with pytest.raises(ValueError, match=r"must be \(B, H, k\)"):  # a stale slot past the used entries
+    # a stale slot past the used entries, a negative index, a wrong row count, a missing head dimension
+    for bad in (torch.full((2, H, 1), n0), torch.full((2, H, 1), -1), torch.zeros(1, H, 1, dtype=torch.long),
+                torch.zeros(2, 1, dtype=torch.long)):
+        with pytest.raises(ValueError, match=r"must be \(B, H, k\)"):
             cache.select(0, bad)
+    assert torch.equal(cache.layer_keys(0), cache.keys[0])
+    with pytest.raises(ValueError, match="no cached keys yet"):
+        var.new_cache().layer_keys(0)
     cache.select(0, torch.zeros(2, var.config.num_heads, 1, dtype=torch.long))
     assert cache.nbytes() == used - 2 * 2 * (var.begin_ends[1][1] - 1) * C * 4
     ptrs = buffer_ptrs(cache)

@@ -54,6 +54,12 @@ class KVCache:
     def layer_len(self, layer: int) -> int:
         return self._len[layer]
 
+    def layer_keys(self, layer: int) -> torch.Tensor:
+        """(B, H, len, c) view of one layer's cached keys (`keys[layer]` without building every layer's view)."""
+        if self._k[layer] is None:
+            raise ValueError(f"layer {layer} has no cached keys yet; run a forward with this cache first")
+        return self._k[layer].narrow(2, 0, self._len[layer])
+
     # ---- allocation ------------------------------------------------------------------------------
     def allocate(self, batch: int, num_heads: int, head_dim: int, dtype: torch.dtype, device) -> None:
         """Create every layer's buffers now (idempotent). Compiled forwards call this before tracing so the
@@ -113,24 +119,26 @@ class KVCache:
         """Keep, per row and head, the entries at `index_BHk` (indices into the layer's current entries),
         compacted in place into the first k slots in positional order."""
         n, (B, H, N, c) = self._len[layer], self._k[layer].shape
-        idx_BHk = index_BHk.sort(dim=-1).values
-        k_keep = idx_BHk.shape[-1]
+        k_keep = index_BHk.shape[-1]
         if k_keep > n:
             raise ValueError(f"cannot keep {k_keep} entries of layer {layer}, which holds {n}")
-        out_of_range = k_keep and bool((idx_BHk[..., 0] < 0).any() | (idx_BHk[..., -1] >= n).any())  # sorted rows
-        if idx_BHk.shape[:2] != (B, H) or out_of_range:
+        bad = index_BHk.dim() != 3 or index_BHk.shape[:2] != (B, H)
+        if not bad and k_keep:
+            lo, hi = index_BHk.aminmax()
+            bad = bool((lo < 0) | (hi >= n))
+        if bad:
             raise ValueError(f"indices for layer {layer} must be (B, H, k) = ({B}, {H}, k) with values in [0, {n}), "
                              f"got shape {tuple(index_BHk.shape)}")
+        idx_BHk = index_BHk.sort(dim=-1).values
         # one flat row index per kept entry: whole head_dim rows are copied (index_select), far cheaper on CPU
         # than a gather whose index is expanded over head_dim; the copy comes first, as kept slots overlap sources
-        row_BH1 = torch.arange(B * H, device=idx_BHk.device).view(B, H, 1) * N
-        flat = (idx_BHk + row_BH1).flatten()
+        flat = (idx_BHk + torch.arange(0, B * H * N, N, device=idx_BHk.device).view(B, H, 1)).flatten()
         k_sel = self._k[layer].view(B * H * N, c).index_select(0, flat)
         v_sel = self._v[layer].view(B * H * N, c).index_select(0, flat)
         p_sel = self._pos[layer].view(B * H * N).index_select(0, flat)
-        self._k[layer][:, :, :k_keep].copy_(k_sel.view(B, H, k_keep, c))
-        self._v[layer][:, :, :k_keep].copy_(v_sel.view(B, H, k_keep, c))
-        self._pos[layer][:, :, :k_keep].copy_(p_sel.view(B, H, k_keep))
+        self._k[layer].narrow(2, 0, k_keep).copy_(k_sel.view(B, H, k_keep, c))
+        self._v[layer].narrow(2, 0, k_keep).copy_(v_sel.view(B, H, k_keep, c))
+        self._pos[layer].narrow(2, 0, k_keep).copy_(p_sel.view(B, H, k_keep))
         self._len[layer] = k_keep
 
     # ---- memory --------------------------------------------------------------------------------------

@@ -87,8 +87,8 @@ class ASIRecorder(KVPolicy):
         n = model.patch_nums[si] ** 2
         lens = [cache.layer_len(i) for i in range(cache.num_layers)]
         for layer in range(cache.num_layers):
-            q = queries[layer][:, :, -n:].float()
-            k = cache.keys[layer][:, :, :lens[layer]].float()
+            q = queries[layer].float()  # scale si's queries (the engine passes exactly those)
+            k = cache.layer_keys(layer).float()
             attn = model.blocks[layer].attn.attention_logits(q, k).softmax(-1)
             current, conc = asi_terms(attn, n, self.hist_topk)
             self.sums[0, layer, si] += current.sum().double()

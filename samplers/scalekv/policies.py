@@ -75,16 +75,19 @@ def pool_scores(scores_BHL: torch.Tensor, pooling: str, kernel: int,
     neighbours. Average pooling averages over the remaining entries (an -inf would poison its neighbours)."""
     if pooling not in ("max", "avg", "none"):
         raise ValueError(f"pooling must be 'max', 'avg' or 'none', got {pooling!r}")
-    B, H, L = scores_BHL.shape
-    valid_L = torch.ones(L, dtype=torch.bool, device=scores_BHL.device)
-    if exclude_idx is not None:
-        valid_L[exclude_idx.to(scores_BHL.device)] = False
     if pooling == "none" or kernel <= 1:
         return scores_BHL.clone()
+    B, H, L = scores_BHL.shape
     flat = scores_BHL.reshape(B * H, 1, L).float()
+    if exclude_idx is not None:
+        exclude_idx = exclude_idx.to(scores_BHL.device)
     if pooling == "max":
-        pooled = F.max_pool1d(flat.masked_fill(~valid_L, float("-inf")), kernel, stride=1, padding=kernel // 2)
+        masked = flat if exclude_idx is None else flat.index_fill(-1, exclude_idx, float("-inf"))
+        pooled = F.max_pool1d(masked, kernel, stride=1, padding=kernel // 2)
     else:
+        valid_L = torch.ones(L, dtype=torch.bool, device=scores_BHL.device)
+        if exclude_idx is not None:
+            valid_L[exclude_idx] = False
         weight = valid_L.float().expand_as(flat)
         total = F.avg_pool1d(flat.masked_fill(~valid_L, 0.0), kernel, stride=1, padding=kernel // 2)
         count = F.avg_pool1d(weight, kernel, stride=1, padding=kernel // 2)
@@ -143,7 +146,7 @@ class KVPolicy:
     @torch.no_grad()
     def compress(self, cache: KVCache, model, si: int, queries=None) -> CompressionRecord:
         """Compress every layer of `cache` after scale si was committed (no-op at the last scale).
-        queries[layer] (B, H, l, c): that scale's forward queries, from the model's attention observer."""
+        queries[layer] (B, H, pn*pn, c): scale si's queries in the forward that computed it (the engine's observer)."""
         lens = [cache.layer_len(i) for i in range(cache.num_layers)]
         budgets = None if si >= len(model.patch_nums) - 1 else self.layer_budgets(cache.num_layers, model.patch_nums, si, lens)
         if budgets is not None:
@@ -166,9 +169,8 @@ class WindowPolicy(KVPolicy):
         return [self.budget] * num_layers if max(lens) > self.budget else None
 
     def choose(self, cache, model, layer, si, budget, queries):
-        B, H, _, _ = cache.keys[layer].shape
-        n = cache.layer_len(layer)
-        return torch.arange(n - budget, n, device=cache.keys[layer].device).expand(B, H, budget)
+        B, H, n, _ = (k := cache.layer_keys(layer)).shape
+        return torch.arange(n - budget, n, device=k.device).expand(B, H, budget)
 
 
 class SelectionPolicy(KVPolicy):
@@ -194,42 +196,48 @@ class SelectionPolicy(KVPolicy):
         return self.budget_fn(num_layers, patch_nums, si, lens)
 
     def window_queries(self, model, layer: int, si: int, queries) -> torch.Tensor:
-        """(B, H, |W|, c) float32 queries of the observation window of scale si, from the forward's queries."""
+        """(B, H, |W|, c) float32 queries of the observation window, from `queries[layer]`: the (B, H, pn*pn, c)
+        queries of scale si (what the engine passes)."""
         q_BHlc = None if queries is None else queries[layer]
         if q_BHlc is None:
             raise RuntimeError("score-based KV compression needs the forward's queries (the engine records them "
                                "through the model's attention observer when policy.needs_queries)")
         pn = model.patch_nums[si]
-        offsets = window_offsets(pn).to(q_BHlc.device) + (q_BHlc.shape[2] - pn * pn)
-        return q_BHlc.index_select(2, offsets).float()
+        if q_BHlc.shape[2] != pn * pn:
+            raise ValueError(f"queries of layer {layer} hold {q_BHlc.shape[2]} positions, but scale {si} has "
+                             f"{pn * pn}; pass the queries of that scale only")
+        return q_BHlc.index_select(2, window_offsets(pn).to(q_BHlc.device)).float()
 
     def window_logits(self, cache: KVCache, model, layer: int, si: int, queries) -> torch.Tensor:
         """(B, H, |W|, L_layer) attention logits of the window queries of scale si on the whole layer cache,
         computed by the layer itself (`attention_logits`: its normalised q, cached k, its scale)."""
-        k = cache.keys[layer]  # the used entries only (a view)
+        k = cache.layer_keys(layer)
         return model.blocks[layer].attn.attention_logits(self.window_queries(model, layer, si, queries), k)
 
-    def scores(self, cache: KVCache, model, layer: int, si: int, queries) -> torch.Tensor:
+    def scores(self, cache: KVCache, model, layer: int, si: int, queries,
+               window: torch.Tensor | None = None) -> torch.Tensor:
         """(B, H, L_layer) pooled importance of every cached entry for the window queries of scale si. The window
-        entries take no part in the pooling and keep their own raw score: they are kept whenever the budget
-        holds the window, and compete on that score only when it does not (tiny budgets)."""
+        entries (`window_cache_index`, passed in when the caller has it) take no part in the pooling and keep
+        their own raw score: they are kept whenever the budget holds the window, and compete on that score
+        only when it does not (tiny budgets)."""
         if self.score == "softmax":
             scores = self.window_logits(cache, model, layer, si, queries).softmax(dim=-1).sum(dim=2)
         else:
             # logits are linear in q: the sum over the window of q_w . k is (sum_w q_w) . k, one query per head
             q_sum_BH1c = self.window_queries(model, layer, si, queries).sum(dim=2, keepdim=True)
-            k = cache.keys[layer]  # the used entries only (a view)
-            scores = model.blocks[layer].attn.attention_logits(q_sum_BH1c, k).squeeze(2)
+            scores = model.blocks[layer].attn.attention_logits(q_sum_BH1c, cache.layer_keys(layer)).squeeze(2)
         if not self.per_head:
             scores = scores.mean(dim=1, keepdim=True).expand_as(scores)
-        window = window_cache_index(cache.layer_len(layer), model.patch_nums[si]).to(scores.device)
+        if window is None:
+            window = window_cache_index(cache.layer_len(layer), model.patch_nums[si])
+        window = window.to(scores.device)
         pooled = pool_scores(scores, self.pooling, self.kernel, exclude_idx=window)
         pooled.index_copy_(-1, window, scores.index_select(-1, window).to(pooled.dtype))
         return pooled
 
     def choose(self, cache, model, layer, si, budget, queries):
-        keep = window_cache_index(cache.layer_len(layer), model.patch_nums[si])
-        return select_topk(self.scores(cache, model, layer, si, queries), keep, budget)
+        window = window_cache_index(cache.layer_len(layer), model.patch_nums[si]).to(cache.layer_keys(layer).device)
+        return select_topk(self.scores(cache, model, layer, si, queries, window), window, budget)
 
 
 # ---- budget functions ---------------------------------------------------------------------------
