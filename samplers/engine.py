@@ -31,6 +31,7 @@ from einops import rearrange
 from torch import nn
 
 from samplers.logits_processing import cfg_strength, guide
+from samplers.query_recorder import QueryRecorder
 from samplers.stats import SamplerStats
 from tokenizers import VQVAE
 from var import VAR, KVCache
@@ -50,11 +51,15 @@ class Sampling:
 
 # ---- policy interfaces ----------------------------------------------------------------------------------
 class CachePolicy:
-    """Called after scale `si` is committed to `cache` of `model`. `queries[layer]` holds the queries
-    (B, H, pn*pn, c) of scale si in the forward that computed it, when `needs_queries` (a speculative forward
-    may have run past si: its later scales are not the policy's business). Returns a record (or None) that
-    the engine logs."""
+    """Called after scale `si` is committed to `cache` of `model`. When `needs_queries`, `queries[layer]` holds
+    the rows `query_rows(pn)` (all pn*pn rows for None) of scale si's queries, (B, H, r, c), from the forward
+    that computed it (a speculative forward may have run past si: its later scales are not the policy's
+    business). Returns a record (or None) that the engine logs."""
     needs_queries = False
+
+    def query_rows(self, pn: int) -> torch.Tensor | None:
+        """Row-major offsets inside a pn x pn map of the queries this policy reads (None: every row)."""
+        return None
 
     def compress(self, cache: KVCache, model: VAR, si: int, queries: list[torch.Tensor | None]):
         raise NotImplementedError
@@ -163,8 +168,8 @@ class _Running:
             self.cache.clear()
         self.run_blocks = compile_blocks(model, plan.compile)
         self.policy = plan.kv_policies.get(stage.name)
-        self.queries: list[torch.Tensor | None] = [None] * model.depth
-        self.query_begin = 0  # sequence position of the recorded forward's first query
+        wants_queries = self.policy is not None and self.policy.needs_queries
+        self.recorder = QueryRecorder(model, self.policy.query_rows) if wants_queries else None
 
 
 def embed_maps(model: VAR, cond_2BD: torch.Tensor, maps_BlCv: list[torch.Tensor], first: int, end: int) -> torch.Tensor:
@@ -344,9 +349,9 @@ class Engine:
             maps.append(rearrange(nxt, "b c h w -> b (h w) c"))
         x_2BLC = embed_maps(model, run.cond_2BD, maps, first, e)
         self.stats.count_forward(run.stage.name, x_2BLC)
-        observer = self._record_query if run.policy is not None and run.policy.needs_queries else None
-        run.query_begin = model.begin_ends[first][0]
-        hidden = run.run_blocks(x_2BLC, run.cond_2BD, run.cache, first, observer)
+        if run.recorder is not None:
+            run.recorder.start(first, e, x_2BLC.device)
+        hidden = run.run_blocks(x_2BLC, run.cond_2BD, run.cache, first, run.recorder)
         self.stats.record_kv(run.cache)  # held during this forward: history + every map of the window
         skip = model.begin_ends[a][0] - model.begin_ends[first][0]  # prefill: only scales a.. are sampled
         logits = model.logits(hidden[:, skip:], run.cond_2BD)
@@ -356,9 +361,6 @@ class Engine:
             out.append(logits[:, start:start + n])
             start += n
         return out
-
-    def _record_query(self, layer: int, q_2BHlc: torch.Tensor, k_2BHLc: torch.Tensor) -> None:
-        self.running.queries[layer] = q_2BHlc
 
     # ---- committing -----------------------------------------------------------------------------------
     def _constrain(self, si: int, idx_Bl: torch.Tensor):
@@ -391,11 +393,11 @@ class Engine:
             if si + 1 < K:
                 st.inputs.append(rearrange(nxt, "b c h w -> b (h w) c"))
         if run is not None and run.policy is not None:
-            begin, end = (p - run.query_begin for p in run.model.begin_ends[c - 1])
-            queries = [None if q is None else q[:, :, begin:end] for q in run.queries]
+            queries = None if run.recorder is None else run.recorder.for_scale(c - 1)
             record = run.policy.compress(run.cache, run.model, c - 1, queries)
             self.stats.record_compression(run.stage.name, run.cache, record)
-            run.queries = [None] * run.model.depth  # kept only for this step: never part of the memory peak
+            if run.recorder is not None:
+                run.recorder.clear()
         if self.plan.speculation is not None and run is not None:
             cache = run.cache
             self.stats.extra.setdefault("kv_after_pass", []).append(

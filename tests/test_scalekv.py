@@ -337,15 +337,20 @@ def test_scalekv_keeps_other_positions_than_snapkv_at_equal_budgets():
     assert any(not torch.equal(a, b) for i in compressed for a, b in zip(sk[i][2], sn[i][2]))
 
 
-def test_policy_sees_the_queries_of_the_committed_scale_under_speculation(setup):
+@pytest.mark.parametrize("window_only", [False, True])
+def test_policy_sees_the_queries_of_the_committed_scale_under_speculation(setup, window_only):
     """sjd+scalekv: a speculative forward covers a window of scales, of which only some may be committed. The
     policy must get the queries of the last committed scale (what its window scores), never the tail of the
-    forward (a later, uncommitted scale), and they must equal a teacher-forced forward's on the final tokens."""
+    forward (a later, uncommitted scale), and they must equal a teacher-forced forward's on the final tokens:
+    all of the map's rows, or only those its `query_rows` asks for (what score-based selection records)."""
     vae, var, _ = setup
     seen = []
 
     class Spy(KVPolicy):  # records the queries it is given and compresses nothing, so the cache stays exact
         needs_queries = True
+
+        def query_rows(self, pn):
+            return window_offsets(pn) if window_only else None
 
         def compress(self, cache, model, si, queries=None):
             seen.append((si, [q.clone() for q in queries]))
@@ -364,7 +369,9 @@ def test_policy_sees_the_queries_of_the_committed_scale_under_speculation(setup)
     for si, queries in seen:
         for layer in range(var.depth):
             expect = ref[layer][:, :, begins[si]:begins[si + 1]]
-            assert queries[layer].shape[2] == PN[si] ** 2
+            if window_only:
+                expect = expect[:, :, window_offsets(PN[si])]
+            assert queries[layer].shape == expect.shape
             torch.testing.assert_close(queries[layer], expect, atol=1e-5, rtol=1e-5)
 
 
@@ -374,6 +381,6 @@ def test_window_queries_must_be_the_scales_own(setup):
     vae, var, _ = setup
     policy = build_policy("snapkv", var, 0.4)
     q = torch.randn(2 * len(LABELS), var.config.num_heads, scale_lengths(PN)[4], var.embed_dim // var.config.num_heads)
-    with pytest.raises(ValueError, match="pass the queries of that scale only"):
+    with pytest.raises(ValueError, match="pass that scale's queries only"):
         policy.window_queries(var, 0, 4, [q] * var.depth)
     assert policy.window_queries(var, 0, 4, [q[:, :, -25:]] * var.depth).shape[2] == 16

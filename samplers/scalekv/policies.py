@@ -19,6 +19,7 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 
+from samplers.engine import CachePolicy
 from var.kv_cache import KVCache
 
 WINDOW_GRID = 4  # observation window: centres of a 4x4 grid of patches of the current map
@@ -131,11 +132,10 @@ class CompressionRecord:
     after: list[int]
 
 
-class KVPolicy:
+class KVPolicy(CachePolicy):
     """Interface: `layer_budgets(num_layers, patch_nums, si, lens)` -> per-layer budgets or None, and
     `choose(cache, model, layer, si, budget)` -> kept indices (B, H, budget); `compress` applies them."""
     name = "none"
-    needs_queries = False
 
     def layer_budgets(self, num_layers: int, patch_nums, si: int, lens: list[int]) -> list[int] | None:
         raise NotImplementedError
@@ -146,7 +146,7 @@ class KVPolicy:
     @torch.no_grad()
     def compress(self, cache: KVCache, model, si: int, queries=None) -> CompressionRecord:
         """Compress every layer of `cache` after scale si was committed (no-op at the last scale).
-        queries[layer] (B, H, pn*pn, c): scale si's queries in the forward that computed it (the engine's observer)."""
+        queries[layer] (B, H, r, c): the `query_rows` of scale si's queries (the engine's recorder)."""
         lens = [cache.layer_len(i) for i in range(cache.num_layers)]
         budgets = None if si >= len(model.patch_nums) - 1 else self.layer_budgets(cache.num_layers, model.patch_nums, si, lens)
         if budgets is not None:
@@ -195,17 +195,23 @@ class SelectionPolicy(KVPolicy):
     def layer_budgets(self, num_layers, patch_nums, si, lens):
         return self.budget_fn(num_layers, patch_nums, si, lens)
 
+    def query_rows(self, pn: int) -> torch.Tensor:
+        """Only the observation window's queries are read: the engine keeps those rows, not whole maps."""
+        return window_offsets(pn)
+
     def window_queries(self, model, layer: int, si: int, queries) -> torch.Tensor:
-        """(B, H, |W|, c) float32 queries of the observation window, from `queries[layer]`: the (B, H, pn*pn, c)
-        queries of scale si (what the engine passes)."""
+        """(B, H, |W|, c) float32 queries of the observation window of scale si, from `queries[layer]`: either
+        the window rows (what the engine records, `query_rows`) or all pn*pn queries of the scale."""
         q_BHlc = None if queries is None else queries[layer]
         if q_BHlc is None:
             raise RuntimeError("score-based KV compression needs the forward's queries (the engine records them "
                                "through the model's attention observer when policy.needs_queries)")
         pn = model.patch_nums[si]
+        if q_BHlc.shape[2] == window_size(pn):  # the window rows already (for pn <= 4 also the whole map)
+            return q_BHlc.float()
         if q_BHlc.shape[2] != pn * pn:
             raise ValueError(f"queries of layer {layer} hold {q_BHlc.shape[2]} positions, but scale {si} has "
-                             f"{pn * pn}; pass the queries of that scale only")
+                             f"{pn * pn} ({window_size(pn)} in its observation window); pass that scale's queries only")
         return q_BHlc.index_select(2, window_offsets(pn).to(q_BHlc.device)).float()
 
     def window_logits(self, cache: KVCache, model, layer: int, si: int, queries) -> torch.Tensor:
