@@ -45,6 +45,7 @@ from training.atomic import atomic_write, atomic_write_json, file_sha256
 from training.checkpoint import read_metadata
 from training.errors import make_parser, run_cli
 from training.images import to_rgb_uint8
+from var.compile import MODES as COMPILE_MODES
 
 REPO = Path(__file__).resolve().parent
 # f_hat is decoded this many images at a time, padded with zeros: convolution kernels pick their algorithm
@@ -52,7 +53,6 @@ REPO = Path(__file__).resolve().parent
 # when decoding whole batches of 1 vs 7 vs 16; none with fixed padded chunks)
 DECODE_CHUNK = 8
 SEEDING = "samplers.seeding.image_seed v1"
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 
 
 # ---- arguments ------------------------------------------------------------------------------------------
@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one value, or comma-separated values, one per scale")
     s.add_argument("--more-smooth", action="store_true", help="Gumbel-softmax code mixing (visualisation only)")
     s.add_argument("--compile", nargs="?", const="default", default=None, choices=COMPILE_MODES,
-                   help="torch.compile the sampler's models (mode: default | reduce-overhead | max-autotune)")
+                   help=f"torch.compile the sampler's models (mode: {' | '.join(COMPILE_MODES)})")
     s.add_argument("--precision", choices=["fp32", "bf16"], default=None,
                    help="handed to the sampler (bf16 needs CUDA); default: bf16 autocast on CUDA, fp32 on CPU")
     w = p.add_argument_group("what to generate")

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 from training.atomic import atomic_write_json  # noqa: E402
 from training.checkpoint import load_any  # noqa: E402
 from var import VAR, VARConfig  # noqa: E402
-from var.compile import compile_blocks  # noqa: E402
+from var.compile import MODES as COMPILE_MODES, compile_blocks  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEDULE_10 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
@@ -93,7 +93,7 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", default=["drafter", "d4w128"], choices=["drafter", "d4w128"])
     p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--compile", nargs="*", default=[], choices=["default", "reduce-overhead", "max-autotune"],
+    p.add_argument("--compile", nargs="*", default=[], choices=COMPILE_MODES,
                    help="also time compile_blocks with these modes (static cache)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=1)

@@ -34,6 +34,7 @@ from samplers.stats import SampleOutput, SamplerStats
 from tokenizers import VQVAE
 from training.checkpoint import check_models_compatible
 from var import VAR
+from var.compile import MODES as COMPILE_MODES
 
 SLOT_ORDER = ("stages", "kv", "token_rule", "constraint", "speculation")
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
@@ -124,8 +125,8 @@ class Sampler(nn.Module):
         if options or (not accelerators and self.accelerator_classes):
             accelerators = tuple(accelerators) + tuple(self._build_accelerators(options))
         compile = "default" if compile is True else (None if compile is False else compile)
-        if compile not in (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"):
-            raise ValueError(f"compile must be a torch.compile mode (default, reduce-overhead, max-autotune), got {compile!r}")
+        if compile is not None and compile not in COMPILE_MODES:
+            raise ValueError(f"compile must be a torch.compile mode ({', '.join(COMPILE_MODES)}), got {compile!r}")
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         if precision == "bf16" and var.class_emb.weight.device.type != "cuda":

@@ -95,6 +95,7 @@ def test_modes_observer_and_errors():
         compile_blocks(var, "fast")
     with pytest.warns(UserWarning, match="CUDA graphs"):
         compile_blocks(var, "reduce-overhead")  # CPU model: falls back to mode 'default'
+    compile_blocks(var, "max-autotune-no-cudagraphs", backend=CountingBackend())  # every torch.compile mode
     backend = CountingBackend()
     run = compile_blocks(var, "default", backend=backend)
     x_all, cond = random_scales(var, 2, 2)

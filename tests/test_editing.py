@@ -42,6 +42,16 @@ def test_all_known_mask_reproduces_the_encoded_image(setup):
     torch.testing.assert_close(out.images, vae.tokens_to_img(encoded).add(1).div(2), atol=1e-5, rtol=1e-5)
 
 
+def test_known_tokens_are_encoded_in_fp32_inside_an_autocast_region(setup):
+    """sample.py wraps edit() in bf16 autocast on CUDA: the kept tokens must still be the fp32 encoding."""
+    var, vae, images, side = setup
+    encoded = vae.img_to_tokens(images * 2 - 1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = build_sampler("edit", var=var, vae=vae).edit(images, torch.zeros(1, 1, side, side),
+                                                           torch.tensor([0, 2]), cfg=1.5, top_k=10, seed=0)
+    assert all(torch.equal(a, b) for a, b in zip(out.tokens, encoded))
+
+
 def test_all_unknown_mask_equals_ordinary_sampling(setup):
     var, vae, images, side = setup
     kwargs = dict(cfg=2.0, top_k=12, top_p=0.9, seed=[7, 8], more_smooth=True)

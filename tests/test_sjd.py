@@ -140,7 +140,7 @@ def toy():
 def run_toy(model, source, batch, seed, window=3, rule=AcceptRule()):
     target = ToyTarget(model, batch)
     gen = torch.Generator().manual_seed(seed)
-    engine = BlockSJD(target, source, SJDSettings(window, 100, rule), gen, derive_generator(gen))
+    engine = BlockSJD(target, source, SJDSettings(window, 100, rule), gen, derive_generator(gen, gen.device))
     tokens = engine.run(batch, torch.device("cpu"))
     return torch.cat(tokens, 1), engine, target
 
@@ -206,7 +206,7 @@ def test_adaptive_windows_learn_from_past_passes_and_stay_exact(toy):
     for s in range(2000):
         target = ToyTarget(model, 4)
         gen = torch.Generator().manual_seed(s)
-        engine = BlockSJD(target, drafter, settings, gen, derive_generator(gen), history=history)
+        engine = BlockSJD(target, drafter, settings, gen, derive_generator(gen, gen.device), history=history)
         samples.append(torch.cat(engine.run(4, torch.device("cpu")), 1))
         whole += sum(e - a == min(3, len(model.sizes) - a) for a, e in target.windows)
         cut += sum(e - a < min(3, len(model.sizes) - a) for a, e in target.windows)

@@ -75,8 +75,11 @@ class VQVAE(nn.Module):
 
     @torch.no_grad()
     def img_to_tokens(self, img_B3HW: torch.Tensor) -> list[torch.Tensor]:
-        """Images in [-1, 1] -> token maps, one (B, pn*pn) int64 tensor per scale."""
-        return self.quantize.encode(self.encode_latent(img_B3HW))
+        """Images in [-1, 1] -> token maps, one (B, pn*pn) int64 tensor per scale. In fp32 also inside an
+        autocast region: tokens must not depend on the mixed-precision setting (a bf16 encoder changes a few
+        per cent of the finer scales' tokens)."""
+        with torch.autocast(device_type=img_B3HW.device.type, enabled=False):
+            return self.quantize.encode(self.encode_latent(img_B3HW.float()))
 
     def fhat_to_img(self, f_hat: torch.Tensor) -> torch.Tensor:
         """Accumulated latent -> image in [-1, 1] (clamped)."""

@@ -134,10 +134,8 @@ class VARJob(TrainJob):
 
     @torch.no_grad()
     def encode(self, img_B3HW: torch.Tensor) -> torch.Tensor:
-        """(B, L) long tokens of images in [-1, 1]. fp32 even inside an autocast region: tokens must not
-        depend on the mixed-precision setting (the cache is built outside autocast)."""
-        with torch.autocast(device_type=img_B3HW.device.type, enabled=False):
-            return torch.cat(self.vae.img_to_tokens(img_B3HW.float()), dim=1)
+        """(B, L) long tokens of images in [-1, 1] (fp32 even inside an autocast region, as `img_to_tokens`)."""
+        return torch.cat(self.vae.img_to_tokens(img_B3HW), dim=1)
 
     # ---- losses ---------------------------------------------------------------------------------------
     def teacher_forced(self, flat_BL: torch.Tensor, labels_B: torch.Tensor, model=None) -> torch.Tensor:

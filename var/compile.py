@@ -5,7 +5,8 @@ attended length that is a fixed function of the scale (and of the per-layer budg
 compressed the cache). `compile_blocks` therefore compiles with dynamic=False and lets Dynamo
 specialise one graph per scale (the cache's per-layer lengths are Python ints it guards on).
 
-Modes: None (eager), "default", "reduce-overhead" (CUDA graphs on CUDA), "max-autotune". CUDA graphs
+Modes: None (eager), "default", "reduce-overhead" and "max-autotune" (both CUDA graphs on CUDA), and
+"max-autotune-no-cudagraphs". CUDA graphs
 replay at fixed addresses: the cache buffers are allocated before the first traced call and marked as
 static inputs (`prepare_cache`), and each call starts a new CUDA-graph step, so outputs are cloned
 out of the graph pool before being handed back. A cache that is reused (`clear()`) keeps its addresses
@@ -21,7 +22,9 @@ import torch
 from var.kv_cache import KVCache
 from var.model import VAR
 
-MODES = ("default", "reduce-overhead", "max-autotune")
+MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+# Inductor captures these modes in CUDA graphs on CUDA (torch._inductor.list_mode_options(): triton.cudagraphs)
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 # One graph per (scale, span, per-layer lengths, batch, grad mode): far more than Dynamo's default of 8.
 RECOMPILE_LIMIT = 256
 
@@ -60,7 +63,7 @@ def compile_blocks(model: VAR, mode: str | None, *, backend="inductor") -> Calla
                       f"{device_type}, so the forward is compiled with mode 'default' instead", stacklevel=2)
         mode = "default"
     inductor = backend == "inductor"
-    cuda_graphs = inductor and mode == "reduce-overhead"
+    cuda_graphs = inductor and device_type == "cuda" and mode in CUDA_GRAPH_MODES
     compiled = torch.compile(model.run_blocks, backend=backend, mode=mode if inductor else None, dynamic=False,
                              fullgraph=True)
 

@@ -72,8 +72,10 @@ class SelfAttention(nn.Module):
         q, k, v = rearrange(qkv, "b l (three h c) -> three b h l c", three=3, h=self.num_heads)
         if self.attn_l2_norm:
             scale_mul = self.scale_mul_1H11.clamp_max(self.max_scale_mul).exp()
-            q = F.normalize(q, dim=-1).mul(scale_mul)
-            k = F.normalize(k, dim=-1)
+            # CUDA autocast runs the norm in fp32 (and the fp32 head scale promotes q anywhere): back to v's
+            # dtype, or the KV cache would hold fp32 keys at twice the memory; SDPA computes in bf16 either way
+            q = F.normalize(q, dim=-1).mul(scale_mul).to(v.dtype)
+            k = F.normalize(k, dim=-1).to(v.dtype)
         return q, k, v
 
     def attention_logits(self, q_BHqc: torch.Tensor, k_BHLc: torch.Tensor) -> torch.Tensor:

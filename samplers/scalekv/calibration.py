@@ -91,8 +91,8 @@ class ASIRecorder(KVPolicy):
             k = cache.layer_keys(layer).float()
             attn = model.blocks[layer].attn.attention_logits(q, k).softmax(-1)
             current, conc = asi_terms(attn, n, self.hist_topk)
-            self.sums[0, layer, si] += current.sum().double()
-            self.sums[1, layer, si] += conc.sum().double()
+            self.sums[0, layer, si] += current.sum().double().cpu()  # the sums stay on the CPU, the model may not
+            self.sums[1, layer, si] += conc.sum().double().cpu()
             self.counts[layer, si] += current.numel()
         return CompressionRecord(si, lens, lens)
 

@@ -124,7 +124,7 @@ class BlockSpeculation(Speculation):
         return not self.stage or stage.name == self.stage
 
     def start(self, engine, batch: int) -> None:
-        self.reset(engine.block_sizes, derive_generator(engine.generator), batch)
+        self.reset(engine.block_sizes, derive_generator(engine.generator, engine.labels_B.device), batch)
         self.source.start(engine, batch, engine.generator)
 
     def reset(self, block_sizes: tuple[int, ...], verify_generator: Generators, batch: int) -> None:

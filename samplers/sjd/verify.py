@@ -84,10 +84,9 @@ def multinomial_rows(probs_BlV: torch.Tensor, generator: Generators) -> torch.Te
     return torch.multinomial(probs_BlV.reshape(-1, V), 1, replacement=True, generator=generator).view(B, l)
 
 
-def _derived(g: torch.Generator | None, salt: bytes) -> torch.Generator:
-    if g is None:  # the global RNG: one draw from it seeds the derived stream
+def _derived(g: torch.Generator | None, salt: bytes, device: torch.device) -> torch.Generator:
+    if g is None:  # the global RNG: one draw from it seeds the derived stream, made on the device it draws on
         seed = int(torch.randint(0, 2 ** 62, (1,)).item())
-        device = torch.device("cpu")
     else:
         digest = hashlib.sha256(salt + g.get_state().cpu().numpy().tobytes()).digest()
         seed, device = int.from_bytes(digest[:8], "little") >> 1, g.device
@@ -96,14 +95,16 @@ def _derived(g: torch.Generator | None, salt: bytes) -> torch.Generator:
     return out
 
 
-def derive_generator(generator: Generators, salt: bytes = b"block-sjd-verify") -> Generators:
+def derive_generator(generator: Generators, device: torch.device, salt: bytes = b"block-sjd-verify") -> Generators:
     """An independent stream for acceptance tests, derived from the caller's generator(s) WITHOUT consuming
     them: drafts keep using the caller's stream in the default sampler's order (this is the coupling that
     makes a drafter equal to the target reproduce plain sampling), while acceptance uniforms and residual
-    draws come from a hash-seeded stream that is statistically independent of the drafts."""
+    draws come from a hash-seeded stream that is statistically independent of the drafts. A caller's
+    generator keeps its own device; without one (the global RNG) the stream is made on `device`, the one
+    the draws happen on (CUDA ops refuse a CPU generator)."""
     if isinstance(generator, (list, tuple)):
-        return [_derived(g, salt) for g in generator]
-    return _derived(generator, salt)
+        return [_derived(g, salt, device) for g in generator]
+    return _derived(generator, salt, torch.device(device))
 
 
 # ---- acceptance math ------------------------------------------------------------------------------------
