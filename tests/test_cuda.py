@@ -1,5 +1,5 @@
 """Paths that only CUDA exercises (skipped without a CUDA device): device-bound generators, CPU-held
-statistics fed by CUDA tensors, and what CUDA autocast does that CPU autocast does not."""
+statistics fed by CUDA tensors, what CUDA autocast does that CPU autocast does not, and per-GPU RNG states."""
 from __future__ import annotations
 
 import pytest
@@ -8,6 +8,7 @@ import torch
 from samplers import build_sampler
 from samplers.scalekv.calibration import calibrate
 from tests.conftest import make_tiny_pair
+from training.run_state import rng_state, set_rng_state
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 CUDA = torch.device("cuda")
@@ -45,3 +46,11 @@ def test_cuda_autocast_keeps_a_bf16_cache_in_eager_mode(cuda_pair):
                           var.num_scales)
         var.run_blocks(x_BLC[:, :var.first_l], cond_BD, cache, 0)
     assert cache.keys[0].dtype == torch.bfloat16 and cache.values[0].dtype == torch.bfloat16
+
+
+def test_rng_state_saved_with_more_gpus_than_visible_restores_the_visible_ones():
+    state = rng_state()
+    expected = torch.rand(4, device=CUDA)
+    state["cuda"] = list(state["cuda"]) * 2 + [state["cuda"][0]]  # saved on a node with more GPUs
+    set_rng_state(state, "test")
+    assert torch.equal(torch.rand(4, device=CUDA), expected)

@@ -173,7 +173,9 @@ def set_rng_state(state: dict, where: str) -> None:
     except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as err:
         raise StateFormatError(f"{where}: not a valid RNG state ({err})") from err
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        # one state per GPU the saving process saw; a node that sees fewer GPUs restores the ones it has
+        for index, device_state in enumerate(state["cuda"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(device_state, index)
 
 
 # ---- metrics.jsonl ---------------------------------------------------------------------------------------
