@@ -268,10 +268,14 @@ class Engine:
         return self.state.tokens, self.state.f_hat
 
     def _step(self, a: int, tokens, final) -> int:
-        """Plain next-scale step: one forward over scale a, the token rule draws it, it is committed."""
+        """Plain next-scale step: one forward over scale a, the token rule draws it, it is committed. Rows an
+        earlier speculative pass made final at a keep their tokens: their final later scales were drawn given
+        them (a shrinking adaptive window steps over such scales)."""
         logits = self._forward(a, [])[0]
         guided = guide(logits, cfg_strength(self.sampling.cfg, a, self.num_scales))
         idx, vec = self._forced(a, *self.plan.token_rule.choose(self, guided, a))
+        if tokens[a] is not None:  # only under speculation, which refuses soft codes: vec is None
+            idx = torch.where(final[a][:, None], tokens[a], idx)
         tokens[a], final[a] = idx, torch.ones_like(final[a])
         if self.kept_logits is not None:
             self.kept_logits.append(logits)

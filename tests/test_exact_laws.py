@@ -4,7 +4,8 @@ Two scales (1x1, 2x2) and a vocabulary of 4 make 4^5 = 1024 token sequences. The
 independently of the engine, from the model's teacher-forced forward (block-causal mask, no cache) with CFG
 ramp, top-k and temperature written out here. Every sampler is then run on 120,000 rows and compared with
 a chi-square test (p > 0.01, small bins merged) and total variation (< 0.01):
-  default (fast and reference RNG), Block-SJD with each draft source (jacobi, random, var, dd),
+  default (fast and reference RNG), Block-SJD with each draft source (jacobi, random, var, dd) and with
+  adaptive windows that shrink within a run (four 1x1 scales: 256 sequences),
   CoDe (its law: the drafter's scale 0, then the refiner given that prefix), and editing (known positions
   fixed, the others from the model given the forced prefix).
 """
@@ -142,3 +143,29 @@ def test_edit_law_forces_known_tokens_and_samples_the_rest(models, one_thread):
     def fn(labels, run):
         return sampler.edit(image, mask, labels, seed=2000 + run, **SETTINGS)
     assert_law(empirical(fn), law, "edit")
+
+
+def test_block_sjd_law_when_an_adaptive_window_shrinks_to_one_scale(one_thread):
+    """Four 1x1 scales (4^4 outcomes), fresh adaptive windows of 3: the first pass tries scales 0-2, its
+    rejections cut the next window to one scale, whose plain step must keep the rows the first pass already
+    made final at that scale (their final next scale was drawn given them). Law: teacher-forced, written
+    out here (cfg 0, no top-k). The model's dependence on earlier scales is scaled up so a redrawn scale shows."""
+    pn, vocab = (1, 1, 1, 1), 4
+    var, vae = make_tiny_pair(3, patch_nums=pn, vocab_size=vocab)
+    with torch.no_grad():
+        for block in var.blocks:
+            block.attn.proj.weight.mul_(30.0)
+        var.word_embed.weight.mul_(40.0)
+        var.head.weight.mul_(4.0)
+    K = len(pn)
+    seqs = torch.cartesian_prod(*[torch.arange(vocab)] * K)  # (V^K, K), first scale most significant
+    with torch.no_grad():
+        logits = var(torch.full((len(seqs),), LABEL), vae.quantize.teacher_forcing_input(list(seqs.split(1, dim=1))))
+    law = logits.double().softmax(-1).gather(-1, seqs[..., None]).squeeze(-1).prod(-1)
+    counts = torch.zeros(vocab ** K, dtype=torch.float64)
+    for run in range(RUNS):
+        sampler = build_sampler("sjd", var=var, vae=vae, window_scales=3, max_spec_tokens=16, window_policy="adaptive")
+        out = sampler.sample(torch.full((ROWS,), LABEL), cfg=0.0, seed=3000 + run, decode=False)
+        index = (torch.cat(out.tokens, dim=1) * vocab ** torch.arange(K - 1, -1, -1)).sum(-1)
+        counts += torch.bincount(index, minlength=vocab ** K).double()
+    assert_law(counts, law, "sjd with a shrinking adaptive window")

@@ -365,6 +365,12 @@ def test_relaxed_modes_are_flagged_and_bad_options_fail_clearly(tiny):
         build_sampler("sjd", var=var, vae=vae, window_scales=0)
     with pytest.raises(ValueError, match="more_smooth"):
         build_sampler("sjd", var=var, vae=vae).sample(LABELS, more_smooth=True, seed=0)
+    with pytest.raises(ValueError, match="stage='refiner' names no VAR stage.*var"):  # no code: one stage, 'var'
+        build_sampler("sjd", var=var, vae=vae, stage="refiner")
+    with pytest.raises(ValueError, match="stage='refienr' names no VAR stage.*drafter, refiner"):
+        build_sampler("code+sjd", var=var, vae=vae, refiner=other, draft_scales=2, stage="refienr")
+    code_sjd = build_sampler("code+sjd", var=var, vae=vae, refiner=other, draft_scales=2, stage="refiner")
+    assert code_sjd.sample(LABELS, seed=0, decode=False).stats.extra["passes"] > 0
 
 
 def test_draft_interface_rejects_wrong_draft_count(toy):

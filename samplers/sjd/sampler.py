@@ -17,7 +17,7 @@ window, is shared by the rows). stats.kv_bytes_per_scale holds one entry per tar
 from __future__ import annotations
 
 from samplers.base import Accelerator, register_sampler, sampler_class
-from samplers.engine import Plan
+from samplers.engine import Plan, VARStage
 from samplers.sjd import drafts as draft_sources
 from samplers.sjd.speculation import AcceptanceHistory, BlockSpeculation, DraftSource, SJDSettings
 from samplers.sjd.verify import AcceptRule
@@ -62,6 +62,10 @@ class BlockSJD(Accelerator):
     def configure(self, plan: Plan, sampler) -> None:
         if plan.token_rule.name == "flow" or not plan.token_rule.verifiable:
             raise ValueError("Block-SJD needs a token rule with a law to verify against; the flow rule has none")
+        names = [stage.name for stage in plan.stages if isinstance(stage, VARStage)]
+        if self.stage and self.stage not in names:  # else speculation would silently never run
+            raise ValueError(f"sjd stage={self.stage!r} names no VAR stage of this sampler (its VAR stages: "
+                             f"{', '.join(names) or 'none'}); leave stage empty to speculate in every stage")
         self.speculation = BlockSpeculation(self.source, self.settings, self.stage, self.history)
         plan.speculation = self.speculation
 
