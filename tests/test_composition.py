@@ -111,6 +111,29 @@ def test_block_sjd_with_a_draft_model_and_window_1_is_the_default_sampler(shippe
     assert same(out, build_sampler("default", var=shipped["drafter"], vae=shipped["vae"]).sample(LABELS, **ARGS))
 
 
+def test_dd_edit_keeps_the_known_tokens_and_its_second_step_sees_them(shipped):
+    """dd+edit (not with one student step, which is refused): the kept tokens are the image's, and the second
+    student step, conditioned on the forced coarse scales, draws other free tokens than plain DD from the
+    same noise, while the first step's free tokens are plain DD's."""
+    m = shipped
+    vae, side = m["vae"], m["vae"].config.image_size
+    mask = torch.zeros(1, 1, side, side)
+    mask[..., : side // 2] = 1  # regenerate the left half
+    labels, t2 = torch.tensor([0, 1]), m["student"].t2
+    sampler = build_sampler("dd+edit", var=m["drafter"], vae=vae, student=m["student"], schedule="2step")
+    edited = sampler.edit(m["images"], mask, labels, seed=[3, 4], decode=False)
+    plain = build_sampler("dd", var=m["drafter"], vae=vae, student=m["student"], schedule="2step").sample(
+        labels, seed=[3, 4], decode=False)
+    encoded = vae.img_to_tokens(m["images"] * 2 - 1)
+    free = [r[0] for r in sampler.token_masks(mask)]
+    for ours, ref, r in zip(edited.tokens, encoded, free):
+        assert torch.equal(ours[:, ~r], ref[:, ~r].expand(2, -1))
+    assert all(torch.equal(a[:, r], b[:, r]) for a, b, r in zip(edited.tokens[:t2], plain.tokens[:t2], free[:t2]))
+    assert any(not torch.equal(a[:, r], b[:, r]) for a, b, r in zip(edited.tokens[t2:], plain.tokens[t2:], free[t2:]))
+    unmasked = sampler.edit(m["images"], torch.ones_like(mask), labels, seed=[3, 4], decode=False)
+    assert all(torch.equal(a, b) for a, b in zip(unmasked.tokens, plain.tokens))  # all unknown: plain DD
+
+
 def test_pairings_without_meaning_are_refused_with_the_reason(shipped):
     m = shipped
     with pytest.raises(ValueError, match="deterministic function of its own Gaussian noise"):

@@ -239,6 +239,9 @@ def test_bad_inputs_fail_clearly(pair):
         DDSampler(var, vae, student=student).sample(torch.tensor([0]), more_smooth=True)
     with pytest.raises(ValueError, match="draft='dd' needs a distilled-decoding student"):
         build_sampler("sjd", var=var, vae=vae, draft="dd")
+    for one_step in ("1step", "0"):
+        with pytest.raises(ValueError, match="dd\\+edit with one student step"):
+            build_sampler("dd+edit", var=var, vae=vae, student=student, schedule=one_step)
 
 
 def test_dd_draft_source_in_block_sjd_is_exact_greedy_and_counts_student_forwards(pair):

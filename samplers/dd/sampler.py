@@ -148,6 +148,12 @@ class DD(Accelerator):
             raise ValueError(f"teacher_start must be in [0, t2 - 1] = [0, {t2 - 1}] (the student's t2 is {t2}), "
                              f"got {self.teacher_start_option}")
         self.runner = StudentRunner(self.student, sampler.vae, self.loss_split)
+        if self.steps == [0] or self.schedule == "1step":
+            if any(o.name == "edit" for o in others):
+                raise ValueError("dd+edit with one student step: the student draws every scale in one forward "
+                                 "before any known token is forced, so the regenerated positions would never see "
+                                 "the image; use schedule=2step, teacher or a step list such as '0,4,7', whose "
+                                 "later steps are conditioned on the forced coarser scales")
         for o in others:
             if o.name in ("flow", "sjd"):
                 raise ValueError(f"dd+{o.name}: the student emits its scales in one forward from noise it draws "
