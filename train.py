@@ -41,6 +41,7 @@ from tokenizers.config import VQVAEConfig
 from var.config import VARConfig, from_dict, load_toml, var_config
 from training.config import DataConfig, OptimConfig, RunConfig, TokenizerLossConfig, TrainConfig
 from training.errors import make_parser, run_cli
+from training.resume_settings import check_resume_early
 
 TABLES = {"data": DataConfig, "optim": OptimConfig, "train": RunConfig, "loss": TokenizerLossConfig}
 
@@ -155,6 +156,8 @@ def main(argv: list[str] | None = None):
     from training.trainer import Trainer, make_accelerator
 
     cfg, model_table, tokenizer_description = load_job_config(args.job, args.config, args.set)
+    if args.resume:  # refuse changed settings before datasets and token caches are built
+        check_resume_early(dataclasses.asdict(cfg), cfg.train.out_dir)
     if cfg.train.num_threads > 0:
         torch.set_num_threads(cfg.train.num_threads)
     torch.manual_seed(cfg.train.seed)  # identical model initialisation on every process

@@ -161,6 +161,23 @@ def test_tampered_checkpoints_with_rewritten_manifests_are_refused(base_run, tmp
     assert "\n" not in str(err.value) and not marker.exists()
 
 
+# ---- a resume keeps the run's settings -------------------------------------------------------------------
+@pytest.mark.parametrize("change,early", [("train.seed=5", True), ("train.mixed_precision=bf16", True),
+                                          ("other_tokenizer", True), ("var.cond_drop_rate=0.9", False),
+                                          ("var.depth=3", False)])
+def test_resume_refuses_changed_settings(base_run, tmp_path, monkeypatch, change, early):
+    """Only steps, logging and paths may change. Run-level settings are refused before any dataset or token
+    cache is built (from the checkpoint's state.json); model settings once the models exist."""
+    run, cfg, before = copy_run(base_run, tmp_path)
+    if change == "other_tokenizer":  # the same config, other weights: other tokens
+        change = f"train.tokenizer={make_tokenizer(tmp_path / 'other.safetensors', seed=1)}"
+    if early:
+        monkeypatch.setattr("training.data.build_datasets", lambda *a, **k: pytest.fail("built the datasets first"))
+    with pytest.raises(ValueError, match=r"config differs .* in \[\'" + ("models" if not early else "")):
+        resume(cfg, run, "--set", change, "--set", "train.steps=4")
+    assert torch.equal(params(run / "var.safetensors")["head.weight"], before["head.weight"])
+
+
 # ---- damaged newest checkpoint --------------------------------------------------------------------------
 @pytest.mark.parametrize("damage", ["truncate", "flip_byte", "no_manifest"])
 def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(base_run, tmp_path, damage):

@@ -460,7 +460,7 @@ def test_ema_warmup_law():
 def test_export_weights_and_settings_added_after_a_checkpoint(tmp_path, tiny_tokenizer):
     """train.export_weights = "model" re-exports a finished run's trained (not EMA) weights on --resume, and a
     checkpoint written before optim.ema_warmup existed still resumes (its default reproduces the old law)."""
-    from training.trainer import saved_settings
+    from training.resume_settings import saved_settings
 
     cfg = write_var_config(tmp_path, tiny_tokenizer, steps=2, ckpt_every=2, ema=0.9)
     out = tmp_path / "run"

@@ -40,6 +40,7 @@ from training.images import save_png_atomic
 from training.dist_state import (ShardedEMA, check_supported, distributed_kind, full_model_state,
                                  full_optimizer_state, load_model_state, load_optimizer_state)
 from training.optim import EMA, build_adamw, ema_decay_at, set_schedule
+from training.resume_settings import check_same_settings, model_settings, resume_relevant
 from training.config import TrainConfig
 from training.job import TrainJob
 from training.loader import SkipCounter, StepBatchSampler, ValSampler, make_loader
@@ -75,32 +76,6 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
     return Accelerator(mixed_precision=mp, cpu=not on_cuda, kwargs_handlers=handlers, **tracking)
 
 
-def _plain(obj):
-    """As stored in JSON (tuples become lists), so a loaded config compares equal to the current one."""
-    return json.loads(json.dumps(obj))
-
-
-def resume_relevant(cfg: dict) -> dict:
-    """The settings a resumed run must share with the run it continues (steps, logging and paths may change)."""
-    return {"job": cfg["job"], "data": cfg["data"], "optim": cfg["optim"], "loss": cfg["loss"],
-            "code": cfg.get("code", {}), "seed": cfg["train"]["seed"],
-            "label_smoothing": cfg["train"]["label_smoothing"]}
-
-
-# Resume-relevant settings added after runs were made, with the default that reproduces the old behaviour: a
-# checkpoint written before a setting existed resumes as long as the setting keeps that default.
-ADDED_SETTINGS = {"optim": {"ema_warmup": False}}
-
-
-def saved_settings(saved: dict) -> dict:
-    """A checkpoint's resume-relevant settings with the ADDED_SETTINGS it predates filled in."""
-    out = dict(saved)
-    for section, added in ADDED_SETTINGS.items():
-        if isinstance(out.get(section), dict):
-            out[section] = {**added, **out[section]}
-    return out
-
-
 class Trainer:
     def __init__(self, cfg: TrainConfig, job: TrainJob, accelerator: Accelerator):
         self.cfg, self.job, self.acc = cfg, job, accelerator
@@ -111,6 +86,8 @@ class Trainer:
             raise ValueError(f"optim.batch_size {cfg.optim.batch_size} must be divisible by processes x grad_accum "
                              f"= {world} x {accum}")
         self.micro_batch = cfg.optim.batch_size // (world * accum)
+        # what a resume must keep: the run's settings and the configs of the models it trains
+        self.resume_settings = {**resume_relevant(asdict(cfg)), "models": model_settings(job.all_models())}
         self.num_items = job.num_items()
         if self.num_items < cfg.optim.batch_size:
             raise ValueError(f"the dataset has {self.num_items} items, fewer than one global batch ({cfg.optim.batch_size})")
@@ -346,7 +323,7 @@ class Trainer:
         if acc.is_main_process:
             # The lr / wd schedule is a pure function of the step, so the step is the scheduler state.
             state = {"step": self.step, "epoch": self.epoch, "pos": self.pos, "world_size": acc.num_processes,
-                     "wall_s": self.wall_s, "config": _plain(resume_relevant(asdict(self.cfg))),
+                     "wall_s": self.wall_s, "config": self.resume_settings,
                      "optimizers": optimizers, "models": models, "ema": ema,
                      "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
                      "skipped": self.skipped,
@@ -364,11 +341,7 @@ class Trainer:
     def _load_latest(self) -> None:
         folder, state, listed = find_intact_checkpoint(self.ckpt_dir, STATE_FILES, STATE_KEYS,
                                                        warn=self.acc.is_main_process)
-        now, saved = _plain(resume_relevant(asdict(self.cfg))), saved_settings(state["config"])
-        changed = sorted(k for k in now if saved.get(k) != now[k])
-        if changed:
-            raise ValueError(f"--resume: the config differs from the run in {self.out} in {changed}; a resumed run must "
-                             f"keep its data, optim, loss and seed settings (only steps, logging and paths may change)")
+        check_same_settings(self.resume_settings, state["config"], self.out)
         for model, opt, model_sd, opt_sd in zip(self.job.all_models(), self.optimizers, state["models"],
                                                 state["optimizers"]):
             load_model_state(self.acc, model, model_sd)  # every process holds the full state: no broadcast
