@@ -36,9 +36,10 @@ from PIL import Image
 
 from samplers import available_samplers, build_sampler, sampler_class
 from samplers.base import split_names
-from samplers.cli import (SHIPPED, check_file, check_resume, class_list, clear_outputs, load_models, models_for,
-                          nonneg_float, nonneg_int, parse_model_specs, parse_sampler_args, parse_var_overrides,
-                          positive_int, temperature_list, unit_float, write_fingerprint)
+from samplers.cli import (SHIPPED, cfg_float, check_file, check_output_folder, check_resume, class_list, clear_outputs,
+                          drop_partial_last_line, load_models, models_for, nonneg_int, parse_model_specs,
+                          parse_sampler_args, parse_var_overrides, positive_int, read_stats, temperature_list,
+                          unit_float, write_fingerprint)
 from samplers.logits_processing import check_sampling_args
 from samplers.seeding import image_seed
 from training.atomic import atomic_write, atomic_write_json, file_sha256
@@ -73,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--sampler-arg", action="append", default=[], metavar="NAME=VALUE",
                    help="sampler option, repeatable (typed by the sampler's `options`)")
     s.add_argument("--list-samplers", action="store_true", help="print samplers with their options and exit")
-    s.add_argument("--cfg", type=nonneg_float, default=1.5, help="guidance strength, ramped linearly over scales")
+    s.add_argument("--cfg", type=cfg_float, default=1.5, help="guidance strength, ramped linearly over scales")
     s.add_argument("--top-k", type=nonneg_int, default=0, help="0 disables")
     s.add_argument("--top-p", type=unit_float, default=0.0, help="0 disables")
     s.add_argument("--temperature", type=temperature_list, default=[1.0],
@@ -149,6 +150,7 @@ def validate(args) -> tuple[type, dict, dict[str, str], dict[str, str], dict]:
             check_input_file(getattr(args, flag), "--" + flag.replace("_", "-"))
     if args.precision == "bf16" and not torch.cuda.is_available():
         raise ValueError("--precision bf16 needs a CUDA GPU; on CPU use --precision fp32 or leave it out")
+    check_output_folder(Path(args.out))
     return sampler_cls, sampler_args, local, extra_paths, var_overrides
 
 
@@ -215,7 +217,7 @@ def read_pngs(folder: Path, count: int) -> np.ndarray:
             with Image.open(path) as im:
                 arrays.append(to_rgb_uint8(im, str(path)))
         except (OSError, ValueError) as err:
-            raise RuntimeError(f"sample {path} is unreadable ({err}); delete it and rerun to regenerate it") from err
+            raise ValueError(f"sample {path} is unreadable ({err}); delete it and rerun to regenerate it") from err
     return np.stack(arrays)
 
 
@@ -300,6 +302,7 @@ def run(args) -> Path:
               "class_names": class_names(local["var"]), "software": software_versions()}
     bar = tqdm(total=len(todo), desc=f"sampling [{acc.process_index}]", disable=not acc.is_local_main_process)
     stats_path = out / (f"stats.rank{acc.process_index}.jsonl" if acc.num_processes > 1 else "stats.jsonl")
+    drop_partial_last_line(stats_path)  # a run killed while appending to it
     for start in range(0, len(todo), args.batch_size):
         idx = todo[start:start + args.batch_size]
         kwargs = dict(cfg=args.cfg, top_k=args.top_k, top_p=args.top_p, temperature=temperature, decode=False,
@@ -338,7 +341,7 @@ def finish(out: Path, labels: list[int], record: dict, args) -> None:
         shown = arrays[: args.grid_max]
         per_row = args.per_class if args.per_class <= 16 and len(shown) > args.per_class else min(len(shown), 10)
         atomic_write(out / "grid.png", lambda tmp: Image.fromarray(make_grid(shown, per_row)).save(tmp, format="PNG"))
-    stats = [json.loads(line) for f in sorted(out.glob("stats*.jsonl")) for line in f.read_text().splitlines()]
+    stats = read_stats(out)
     record["sampling_wall_time_s"] = sum(s["wall_time_s"] for s in stats)  # of this and earlier (resumed) runs
     atomic_write_json(out / "sample_config.json", record)
     print(f"wrote {len(labels)} images to {out}")

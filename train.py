@@ -64,8 +64,10 @@ def load_job_config(job: str, path: str, overrides: list[str]) -> tuple[TrainCon
     for text in overrides:
         keys, value = parse_override(text)
         table = raw
-        for k in keys[:-1]:
+        for depth, k in enumerate(keys[:-1], 1):
             table = table.setdefault(k, {})
+            if not isinstance(table, dict):
+                raise ValueError(f"--set {text}: {'.'.join(keys[:depth])} is a value, not a table; use TABLE.KEY=VALUE")
         table[keys[-1]] = value
     model_table = {"tokenizer": "tokenizer", "dd": "dd"}.get(job, "var")
     job_tables = {"code"} if job.startswith("code_") else set()  # CoDe jobs: [code] (samplers.code.training.CoDeTrainConfig)

@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 
 from samplers import Sampler, sampler_class
-from samplers.cli import SHIPPED, load_models, parse_var_overrides
+from samplers.cli import SHIPPED, batch_size_list, cfg_float, load_models, parse_var_overrides
 from tokenizers import VQVAE
 from tokenizers.config import official_vqvae_config
 from var import VAR, var_config
@@ -116,7 +116,7 @@ def run_batch(specs: list[Spec], baseline: str, var, vae, extras, batch: int, ar
             rows[k] = new
         if meter_again is not None:
             meter = meter_again
-    if args.count_flops and batch == min(int(b) for b in args.batch_sizes.split(",")):
+    if args.count_flops and batch == min(args.batch_sizes):
         count_model_flops(contenders, rows, batch, baseline)
     out = list(rows.values())
     checks = {}
@@ -163,7 +163,7 @@ def run(args) -> dict:
         if not args.reference_checkout:
             raise ValueError("--sampler reference needs --reference-checkout PATH (a checkout of FoundationVision/VAR)")
         ref_var = build_reference(args.reference_checkout, var, vae)
-    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    batch_sizes = args.batch_sizes
     sampling = dict(cfg=args.cfg, top_k=args.top_k, top_p=args.top_p)
     dtype = torch.bfloat16 if any(s.engine.get("precision") == "bf16" for s in specs) else torch.float32
     meta = {"protocol": 2, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": str(device),
@@ -262,8 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "'reference' = the public loop (needs --reference-checkout)")
     p.add_argument("--samplers", default=None, help="legacy: several specs in one argument ('a;b:opt=1')")
     p.add_argument("--baseline", default="default", help="the spec every ratio is taken against")
-    p.add_argument("--batch-sizes", default="1,16")
-    p.add_argument("--cfg", type=float, default=1.5)
+    p.add_argument("--batch-sizes", type=batch_size_list, default=[1, 16], help="comma-separated, e.g. 1,16")
+    p.add_argument("--cfg", type=cfg_float, default=1.5)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)

@@ -5,12 +5,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
+import os
 import tomllib
+import warnings
 from pathlib import Path
 
 import torch
 
-from training.atomic import atomic_write_json
+from samplers.logits_processing import MAX_CFG
+from training.atomic import atomic_write_bytes, atomic_write_json
 from training.checkpoint import checkpoint_kind, load_any
 from training.hub import resolve_path
 from var.config import VARConfig
@@ -28,7 +32,7 @@ def _number(kind, low: float, high: float | None = None):
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
-        if value < low or (high is not None and value > high) or value != value:  # value != value: NaN
+        if not math.isfinite(value) or value < low or (high is not None and value > high):
             raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
         return value
     parse.__name__ = kind.__name__  # argparse names the type in its messages
@@ -39,6 +43,7 @@ positive_int = _number(int, 1)
 nonneg_int = _number(int, 0)
 nonneg_float = _number(float, 0)
 unit_float = _number(float, 0, 1)
+cfg_float = _number(float, 0, MAX_CFG)
 
 
 def class_list(text: str) -> list[int]:
@@ -51,13 +56,23 @@ def class_list(text: str) -> list[int]:
     return classes
 
 
+def batch_size_list(text: str) -> list[int]:
+    try:
+        sizes = [int(b) for b in text.split(",")]
+    except ValueError:
+        sizes = []
+    if not sizes or any(b < 1 for b in sizes):
+        raise argparse.ArgumentTypeError(f"expected comma-separated batch sizes >= 1 such as 1,16, got {text!r}")
+    return sizes
+
+
 def temperature_list(text: str) -> list[float]:
     try:
         values = [float(v) for v in text.split(",")]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number or comma-separated numbers (one per scale), got {text!r}") from None
-    if any(not v > 0 for v in values):
-        raise argparse.ArgumentTypeError(f"temperatures must be > 0, got {text!r}")
+    if any(not (v > 0 and math.isfinite(v)) for v in values):
+        raise argparse.ArgumentTypeError(f"temperatures must be finite numbers > 0, got {text!r}")
     return values
 
 
@@ -200,6 +215,36 @@ def fingerprint_differences(stored: dict, current: dict) -> list[str]:
     a, b = _flatten(stored), _flatten(current)
     return [f"{_flag(k)} ({_short(a.get(k))} then, {_short(b.get(k))} now)" for k in sorted(set(a) | set(b))
             if a.get(k) != b.get(k)]
+
+
+def check_output_folder(out: Path) -> None:
+    """--out must be a folder this process can create or write into (checked before anything is written)."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; give a folder (it is created if missing)")
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out}: {existing} is not a writable folder; choose another --out")
+
+
+def drop_partial_last_line(path: Path) -> None:
+    """A kill while appending to a JSONL file leaves a partial last line; a resumed run drops it (with a
+    warning) instead of gluing its next record onto it."""
+    data = path.read_bytes() if path.is_file() else b""
+    if data and not data.endswith(b"\n"):
+        atomic_write_bytes(path, data[: data.rfind(b"\n") + 1])
+        warnings.warn(f"{path}: dropped a partial last line (a run killed while writing it)", stacklevel=2)
+
+
+def read_stats(out: Path) -> list[dict]:
+    """Every per-batch record of stats*.jsonl in `out`; a corrupt line is an error naming it."""
+    records = []
+    for path in sorted(out.glob("stats*.jsonl")):
+        for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+            try:
+                records.append(json.loads(line))
+            except ValueError as err:
+                raise ValueError(f"{path}:{number}: corrupt stats line ({err}); delete that line and rerun") from err
+    return records
 
 
 def previous_images(out: Path) -> list[Path]:

@@ -19,6 +19,8 @@ Per-row generators (a list of B generators): row b consumes only generator b, in
 """
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 
 import torch
@@ -91,10 +93,14 @@ def gumbel_soft_codes(logits_BlV: torch.Tensor, ratio: float, codebook_VC: torch
     return weights @ codebook_VC.unsqueeze(0)
 
 
+# Guidance beyond this has no use, and a large enough cfg overflows the guided logits to inf (a NaN law)
+MAX_CFG = 1e4
+
+
 def check_sampling_args(cfg: float, top_k: int, top_p: float, temperature, vocab_size: int, num_scales: int) -> None:
     problems = []
-    if not isinstance(cfg, (int, float)) or cfg < 0:
-        problems.append(f"cfg must be a number >= 0 (0 disables guidance), got {cfg!r}")
+    if not isinstance(cfg, (int, float)) or not 0 <= cfg <= MAX_CFG:  # NaN fails the comparison too
+        problems.append(f"cfg must be a number in [0, {MAX_CFG:g}] (0 disables guidance), got {cfg!r}")
     if not isinstance(top_k, int) or isinstance(top_k, bool) or not 0 <= top_k <= vocab_size:
         problems.append(f"top_k must be an integer in [0, {vocab_size}] (0 disables it), got {top_k!r}")
     if not isinstance(top_p, (int, float)) or not 0.0 <= top_p <= 1.0:
@@ -102,8 +108,8 @@ def check_sampling_args(cfg: float, top_k: int, top_p: float, temperature, vocab
     temps = temperature if isinstance(temperature, (list, tuple)) else [temperature]
     if isinstance(temperature, (list, tuple)) and len(temperature) != num_scales:
         problems.append(f"a per-scale temperature needs {num_scales} values, got {len(temperature)}")
-    if any(not isinstance(t, (int, float)) or t <= 0 for t in temps):
-        problems.append(f"temperature must be > 0, got {temperature!r}")
+    if any(not isinstance(t, (int, float)) or not (t > 0 and math.isfinite(t)) for t in temps):
+        problems.append(f"temperature must be a finite number > 0, got {temperature!r}")
     if problems:
         raise ValueError("; ".join(problems))
 

@@ -51,6 +51,10 @@ BAD_INPUT = [
     (PY + ["train.py", "var", "--config", "configs/fmnist_var_drafter.toml", "--set", "train.stepz=3"], "stepz"),
     (PY + ["-m", "eval.fid", "--samples", f"{NO}.npz"], "--proxy-classifier"),
     (PY + ["-m", "benchmarks.benchmark", "--repeats", "0"], "--repeats"),
+    (PY + ["-m", "benchmarks.benchmark", "--batch-sizes", "0"], "--batch-sizes"),
+    (PY + ["-m", "benchmarks.benchmark", "--cfg", "inf"], "--cfg"),
+    (PY + ["train.py", "var", "--config", "configs/fmnist_var_drafter.toml", "--set", "train.steps.x=3"],
+     "train.steps is a value, not a table"),
 ]
 
 
@@ -101,7 +105,10 @@ def test_run_cli_contract():
 
     for exc, text in [(KeyError("unknown sampler 'x'"), "error: unknown sampler 'x'"),
                       (ValueError("bad\n  value"), "error: bad; value"),
-                      (SystemExit("old style"), "error: old style")]:
+                      (SystemExit("old style"), "error: old style"),
+                      (FileExistsError("runs/x already holds a run; pass --resume"),
+                       "error: runs/x already holds a run; pass --resume"),
+                      (PermissionError(13, "Permission denied", "/out"), "error: /out: permission denied; check the path")]:
         err = io.StringIO()
         with contextlib.redirect_stderr(err):
             assert run_cli(fails(exc), []) == 2

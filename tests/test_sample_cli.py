@@ -153,8 +153,12 @@ def test_outputs_are_complete_and_an_interrupted_run_resumes_without_duplicates(
     for name in ("000002.png", "000005.png", "000008.png"):
         (part / "images" / name).unlink()  # as if the run had stopped before writing them
     (part / "samples.npz").unlink()
+    with (part / "stats.jsonl").open("a") as fh:
+        fh.write('{"indices": [8, 8], "bat')  # killed while appending a record
     before = {p: os.stat(p).st_mtime_ns for p in (part / "images").glob("*.png")}
-    sample(part, *ARGS, "--batch-size", "2")  # the batch size is not part of the fingerprint
+    resumed = sample(part, *ARGS, "--batch-size", "2")  # the batch size is not part of the fingerprint
+    assert "dropped a partial last line" in resumed.stderr
+    assert [json.loads(line)["batch"] for line in (part / "stats.jsonl").read_text().splitlines()] == [4, 4, 1, 2, 1]
     assert pngs(part) == pngs(full)
     assert all(os.stat(p).st_mtime_ns == t for p, t in before.items()), "existing images must not be redone"
     assert np.array_equal(np.load(part / "samples.npz")["arr_0"], npz["arr_0"])
@@ -200,7 +204,10 @@ def test_model_file_content_is_part_of_the_fingerprint(tmp_path):
     (("--model", "refiner=/no/such.safetensors"), "/no/such.safetensors does not exist"),
     (("--classes", "0,10"), "--classes [10] outside [0, 9]"),
     (("--temperature", "1,1"), "--temperature needs 1 or 6"),
-    (("--cfg", "-1"), "argument --cfg: expected a number >= 0"),
+    (("--cfg", "-1"), "argument --cfg: expected a number in [0, 10000"),
+    (("--cfg", "inf"), "argument --cfg: expected a number in [0, 10000"),
+    (("--temperature", "inf"), "temperatures must be finite numbers > 0"),
+    (("--out", str(REPO / "README.md")), "README.md is a file; give a folder"),
     (("--top-p", "2"), "argument --top-p: expected a number in [0, 1]"),
     (("--precision", "bf16"), "--precision bf16 needs a CUDA GPU"),
     (("--compile", "fast"), "argument --compile: invalid choice"),

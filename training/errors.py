@@ -40,7 +40,8 @@ def make_parser(description: str | None = None, **kwargs) -> CLIParser:
 
 
 def is_user_error(err: BaseException) -> bool:
-    if isinstance(err, (ValueError, FileNotFoundError, KeyError, TypeError)):
+    if isinstance(err, (ValueError, KeyError, TypeError, FileNotFoundError, FileExistsError, NotADirectoryError,
+                        IsADirectoryError, PermissionError)):
         return True
     # looked up, not imported: a CheckpointMismatchError can only come from an already loaded module, and
     # argparse's early exits stay free of the torch import

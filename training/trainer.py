@@ -35,7 +35,7 @@ from accelerate import Accelerator
 from accelerate.utils import GradScalerKwargs
 from tqdm import tqdm
 
-from training.atomic import atomic_write
+from training.atomic import atomic_write_bytes
 from training.images import save_png_atomic
 from training.dist_state import (ShardedEMA, check_supported, distributed_kind, full_model_state,
                                  full_optimizer_state, load_model_state, load_optimizer_state)
@@ -51,10 +51,6 @@ from training.run_state import (find_intact_checkpoint, load_tree, read_log_reco
 
 STATE_FILES = ("state.json", "state.safetensors")
 STATE_KEYS = {"step", "epoch", "pos", "world_size", "wall_s", "config", "optimizers", "models", "ema", "scaler"}
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
 
 
 def make_accelerator(cfg: TrainConfig) -> Accelerator:
