@@ -157,5 +157,10 @@ def test_unknown_sampler_and_bad_config():
     from var import VARConfig, var_config
     with pytest.raises(ValueError, match="not divisible by num_heads"):
         VARConfig(embed_dim=65, num_heads=4)
+    with pytest.raises(ValueError, match="embed_dim and num_heads must be >= 1, got 64, 0"):
+        VARConfig(embed_dim=64, num_heads=0)
+    for eps in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="norm_eps must be > 0"):
+            VARConfig(norm_eps=eps)
     with pytest.raises(KeyError, match="registered sizes"):
         var_config("var_d99")

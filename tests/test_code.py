@@ -265,3 +265,18 @@ def test_code_jobs_run_with_the_standard_trainer(tmp_path):
                     "--set", f"train.out_dir={tmp_path / 'x'}"])
     with pytest.raises(KeyError, match="unknown key"):
         train.main(["code_drafter", "--config", str(cfg), "--set", "code.draft_scale=2"])
+    for bad, message in (("code.kd_temperature=0.0", "kd_temperature must be a finite number > 0"),
+                         ("code.kd_temperature=-1.0", "kd_temperature must be a finite number > 0"),
+                         ("code.lambda_steps=-5", "lambda_steps must be an integer >= 0"),
+                         ("code.draft_scales=-1", "draft_scales must be an integer >= 0")):
+        with pytest.raises(ValueError, match=message):
+            train.main(["code_refiner", "--config", str(cfg), "--set", bad, "--set", f"code.teacher={teacher}",
+                        "--set", f"train.out_dir={tmp_path / 'y'}"])
+    with pytest.raises(FileNotFoundError, match="code.teacher = .*missing.safetensors does not exist"):
+        train.main(["code_refiner", "--config", str(cfg), "--set", "code.draft_scales=2", "--set",
+                    f"code.teacher={tmp_path / 'missing.safetensors'}", "--set", f"train.out_dir={tmp_path / 'y'}"])
+    # a bad N is refused before the job tokenises anything: no token cache, no run folder
+    with pytest.raises(ValueError, match="draft_scales"):
+        train.main(["code_drafter", "--config", str(cfg), "--set", "code.draft_scales=99",
+                    "--set", f"train.out_dir={tmp_path / 'z'}"])
+    assert not (tmp_path / "z").exists()

@@ -39,8 +39,12 @@ class VARConfig:
         problems = []
         if self.num_classes < 1:
             problems.append(f"num_classes must be >= 1, got {self.num_classes}")
-        if self.embed_dim % self.num_heads:
+        if self.num_heads < 1 or self.embed_dim < 1:
+            problems.append(f"embed_dim and num_heads must be >= 1, got {self.embed_dim}, {self.num_heads}")
+        elif self.embed_dim % self.num_heads:
             problems.append(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
+        if not self.norm_eps > 0:  # NaN fails too
+            problems.append(f"norm_eps must be > 0, got {self.norm_eps}")
         if len(self.patch_nums) < 2 or list(self.patch_nums) != sorted(self.patch_nums) or min(self.patch_nums) < 1:
             problems.append(f"patch_nums must hold >= 2 positive non-decreasing sides, got {self.patch_nums}")
         for name in ("drop_rate", "attn_drop_rate", "drop_path_rate", "cond_drop_rate"):

@@ -15,12 +15,15 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from training.checkpoint import load_any
+from training.hub import is_hub_uri
 from training.var_job import VARJob
 
 
@@ -78,6 +81,17 @@ class CoDeTrainConfig:
     kd_temperature: float = 1.0
     lambda_steps: int = 0  # refiner job: steps over which lambda decays 1 -> 0 (0: the whole run)
 
+    def __post_init__(self) -> None:
+        problems = []
+        if isinstance(self.draft_scales, bool) or not isinstance(self.draft_scales, int) or self.draft_scales < 0:
+            problems.append(f"code.draft_scales must be an integer >= 0, got {self.draft_scales!r}")
+        if not isinstance(self.kd_temperature, (int, float)) or not 0 < self.kd_temperature < math.inf:
+            problems.append(f"code.kd_temperature must be a finite number > 0, got {self.kd_temperature!r}")
+        if isinstance(self.lambda_steps, bool) or not isinstance(self.lambda_steps, int) or self.lambda_steps < 0:
+            problems.append(f"code.lambda_steps must be an integer >= 0 (0: the whole run), got {self.lambda_steps!r}")
+        if problems:
+            raise ValueError("; ".join(problems))
+
 
 class CoDeDrafterJob(VARJob):
     """VAR job whose loss only covers the drafting scales; start it from the pre-trained drafter (init_from)."""
@@ -85,8 +99,8 @@ class CoDeDrafterJob(VARJob):
 
     def __init__(self, cfg, var_config, dataset, device, main_process, code: CoDeTrainConfig, sample_images=None,
                  val_dataset=None):
+        check_draft_scales(var_config.patch_nums, code.draft_scales, 1)  # before the token cache is built
         super().__init__(cfg, var_config, dataset, device, main_process, sample_images, val_dataset)
-        check_draft_scales(self.patch_nums, code.draft_scales, 1)
         self.code = code
 
     def loss(self, batch, step: int):
@@ -106,12 +120,15 @@ class CoDeRefinerJob(VARJob):
 
     def __init__(self, cfg, var_config, dataset, device, main_process, code: CoDeTrainConfig, sample_images=None,
                  val_dataset=None):
+        check_draft_scales(var_config.patch_nums, code.draft_scales, 0)  # before the token cache is built
+        if not code.teacher:
+            raise ValueError("the CoDe refiner job needs code.teacher = path of the larger pre-trained VAR")
+        if not is_hub_uri(code.teacher) and not Path(code.teacher).is_file():
+            raise FileNotFoundError(f"code.teacher = {code.teacher} does not exist; give the larger pre-trained VAR")
         self.cond_drop_rate = var_config.cond_drop_rate
         super().__init__(cfg, dataclasses.replace(var_config, cond_drop_rate=0.0), dataset, device, main_process,
                          sample_images, val_dataset)
-        check_draft_scales(self.patch_nums, code.draft_scales, 0)
-        if not code.teacher:
-            raise ValueError("the CoDe refiner job needs code.teacher = path of the larger pre-trained VAR")
+        # loaded after the student, as the shipped refiners were trained (its random init draws from the seed)
         self.teacher = load_any(code.teacher, "var", device=device, patch_nums=self.patch_nums).eval().requires_grad_(False)
         if self.teacher.config.vocab_size != self.model.config.vocab_size or self.teacher.num_classes != self.model.num_classes:
             raise ValueError(f"teacher {code.teacher} (vocab {self.teacher.config.vocab_size}, {self.teacher.num_classes} "
