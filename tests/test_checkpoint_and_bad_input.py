@@ -97,6 +97,19 @@ def test_missing_and_corrupt_files(tmp_path):
         load_any(tmp_path / "model.ckpt", "var")
 
 
+def test_damaged_metadata_is_named(tmp_path, tiny_pair):
+    var, _ = tiny_pair
+    good = save_model(tmp_path / "var.safetensors", var)
+    with safe_open(str(good), framework="pt") as fh:
+        meta, tensors = fh.metadata(), {k: fh.get_tensor(k) for k in fh.keys()}
+    for change in ({"config": None}, {"config": "{bad"}, {"format_version": "x"}, {"config": "[1]"}):
+        damaged = {k: v for k, v in {**meta, **change}.items() if v is not None}
+        path = tmp_path / "damaged.safetensors"
+        save_file(tensors, path, metadata=damaged)
+        with pytest.raises(CheckpointMismatchError, match="damaged.safetensors: its .* metadata is damaged"):
+            load_model(path)
+
+
 # ---- bad input to the models and samplers -----------------------------------------------------------------
 def test_bad_images(tiny_pair):
     _, vae = tiny_pair

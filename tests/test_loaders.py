@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import warnings
 from pathlib import Path
@@ -67,6 +68,23 @@ def test_pickled_objects_are_refused_without_suggesting_unsafe_loading(tmp_path)
     with pytest.raises(CheckpointMismatchError, match=r"Python objects besides tensors \(argparse\.Namespace\)") as info:
         load_any(tmp_path / "train_state.pth", "var")
     assert "weights_only=False" not in str(info.value)
+
+
+class _RunsAShellCommand:
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_an_object_of_a_blocked_module_is_named_not_called_corrupt(tmp_path):
+    """torch words a blocked module ('posix.system') differently from an unlisted class: both are named."""
+    marker = tmp_path / "ran"
+    torch.save({"weight": torch.zeros(2), "x": _RunsAShellCommand(marker)}, tmp_path / "evil.pth")
+    with pytest.raises(CheckpointMismatchError, match=r"Python objects besides tensors \((posix|os|nt)\.system\)"):
+        load_any(tmp_path / "evil.pth", "var")
+    assert not marker.exists()
 
 
 # ---- VAR config overrides ----------------------------------------------------------------------------------

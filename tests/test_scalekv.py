@@ -222,6 +222,12 @@ def test_calibration_file_is_deterministic_and_tied_to_the_model(setup, tmp_path
         build_policy("scalekv", tiny_var(11, depth=3), 0.4, str(cal))
     with pytest.raises(FileNotFoundError, match="samplers.scalekv.calibration"):
         load_calibration(tmp_path / "missing.json", var)
+    for name, text, message in (("bad.json", "{bad", "is not readable JSON"), ("list.json", "[1, 2]", "is not a"),
+                                ("nomodel.json", json.dumps({k: v for k, v in data.items() if k != "model"}),
+                                 "is not a")):
+        (tmp_path / name).write_text(text)
+        with pytest.raises(ValueError, match=message):
+            load_calibration(tmp_path / name, var)
 
 
 def test_registry_and_bad_options(setup):

@@ -175,15 +175,21 @@ def read_metadata(path: str | Path) -> dict:
         raise NotACheckpointError(f"{path} is not a readable safetensors checkpoint: {why}") from err
     if meta.get("format") != FORMAT_NAME:
         raise CheckpointMismatchError(f"{path} has no '{FORMAT_NAME}' metadata; it was not written by save_model")
-    version = int(meta.get("format_version", -1))
+    try:
+        version = int(meta.get("format_version", -1))
+        config, extra = json.loads(meta["config"]), json.loads(meta.get("extra", "{}"))
+        if not isinstance(config, dict) or not isinstance(extra, dict):
+            raise ValueError("its config/extra entry is not a JSON object")
+    except (KeyError, ValueError) as err:
+        raise CheckpointMismatchError(f"{path}: its '{FORMAT_NAME}' metadata is damaged ({type(err).__name__}: {err}); "
+                                      f"{_REFETCH}") from err
     if version > FORMAT_VERSION:
         raise CheckpointMismatchError(f"{path} has format version {version}, newer than this code ({FORMAT_VERSION}); "
                                       f"update the toolkit")
     if meta.get("kind") not in KINDS:
         hint = " (import samplers to register the accelerator kinds)" if meta.get("kind") == "dd_student" else ""
         raise CheckpointMismatchError(f"{path}: unknown model kind {meta.get('kind')!r}{hint}")
-    return {"kind": meta["kind"], "format_version": version, "config": json.loads(meta["config"]),
-            "extra": json.loads(meta.get("extra", "{}"))}
+    return {"kind": meta["kind"], "format_version": version, "config": config, "extra": extra}
 
 
 def load_model(path: str | Path, kind: str | None = None, device: str | torch.device = "cpu",
@@ -225,7 +231,8 @@ def _torch_load(path: str | Path) -> dict[str, torch.Tensor]:
     except pickle.UnpicklingError as err:
         # weights_only refused a Python object; torch's message then suggests weights_only=False, which would
         # run arbitrary code from the file: keep only the object's name
-        culprit = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
+        # torch words it "Unsupported global: GLOBAL x" or, for blocked modules, "unsupported GLOBAL x whose ..."
+        culprit = re.search(r"unsupported global:? (?:GLOBAL )?([\w.]+)", str(err), re.IGNORECASE)
         if culprit is None:  # a broken pickle stream (e.g. a truncated legacy-format file)
             raise _not_a_checkpoint(path, f"it is truncated or corrupt (unreadable pickle stream); {_REFETCH}") from err
         raise CheckpointMismatchError(f"{path} holds Python objects besides tensors ({culprit.group(1)}); this toolkit "

@@ -38,10 +38,15 @@ def load_calibration(path: str | Path, model) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"ScaleKV calibration {path} does not exist; create it with "
                                 f"`python -m samplers.scalekv.calibration --var <model> --tokenizer <tok> --out {path}`")
-    data = json.loads(path.read_text())
-    if data.get("format") != FORMAT or data.get("version") != VERSION:
-        raise ValueError(f"{path} is not a {FORMAT} v{VERSION} file (format={data.get('format')!r}, "
-                         f"version={data.get('version')!r}); re-run the calibration")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise ValueError(f"ScaleKV calibration {path} is not readable JSON ({err}); re-run "
+                         f"`python -m samplers.scalekv.calibration`") from err
+    fields = data if isinstance(data, dict) else {}
+    if fields.get("format") != FORMAT or fields.get("version") != VERSION or not isinstance(fields.get("model"), dict):
+        raise ValueError(f"{path} is not a {FORMAT} v{VERSION} file (format={fields.get('format')!r}, "
+                         f"version={fields.get('version')!r}); re-run the calibration")
     mine = model_fingerprint(model)
     theirs = data["model"]
     if mine != {k: theirs.get(k) for k in mine}:
