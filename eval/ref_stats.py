@@ -12,6 +12,7 @@ which eval reports and cards quote to identify the reference exactly.
 """
 from __future__ import annotations
 
+import argparse
 import sys
 import time
 
@@ -32,7 +33,12 @@ def main(argv: list[str] | None = None) -> int:
     src.add_argument("--images", help="folder of PNG/JPEG or ADM .npz (arr_0 uint8 NHWC)")
     src.add_argument("--fashion-mnist", help="Fashion-MNIST folder (idx files)")
     ap.add_argument("--split", default="test", choices=("train", "test"), help="Fashion-MNIST split")
-    ap.add_argument("--image-size", type=int, help="Fashion-MNIST padding size (default: the proxy's input size, else 32)")
+    ap.add_argument("--image-size", type=int,
+                    help="Fashion-MNIST image size (default: the size the proxy classifier's real images are rendered "
+                         "at, its data_size, else 32)")
+    ap.add_argument("--pad-small", action=argparse.BooleanOptionalAction, default=None,
+                    help="Fashion-MNIST layout: centre-padded, or with --no-pad-small upsampled with Lanczos "
+                         "(default: the proxy classifier's own layout, else padded)")
     net_group = ap.add_mutually_exclusive_group(required=True)
     net_group.add_argument("--inception", help="local path of pt_inception-2015-12-05-6726825d.pth")
     net_group.add_argument("--proxy-classifier", help="proxy classifier .safetensors")
@@ -59,10 +65,13 @@ def main(argv: list[str] | None = None) -> int:
 
         net = load_classifier(args.proxy_classifier, device)
     if args.fashion_mnist:
-        size = args.image_size or getattr(getattr(net, "config", None), "image_size", 32)
-        images, labels, _ = fashion_mnist_uint8(args.fashion_mnist, args.split, size)
+        # the layout the proxy's reference uses everywhere else (eval.harness / eval.real_reference)
+        proxy_cfg = getattr(net, "config", None)
+        size = args.image_size or getattr(proxy_cfg, "real_image_size", None) or 32
+        pad_small = args.pad_small if args.pad_small is not None else getattr(proxy_cfg, "pad_small", True)
+        images, labels, _ = fashion_mnist_uint8(args.fashion_mnist, args.split, size, pad_small)
         source, origin = ArraySource(images, labels=labels), {"fashion_mnist": args.fashion_mnist, "split": args.split,
-                                                              "image_size": size}
+                                                              "image_size": size, "pad_small": pad_small}
     else:
         source, origin = open_images(args.images), {"images": args.images}
     start = time.perf_counter()

@@ -10,6 +10,7 @@ region only), averaged over channels and pixels per image, then over images.
 """
 from __future__ import annotations
 
+import argparse
 import sys
 import time
 from pathlib import Path
@@ -137,6 +138,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", required=True, help="Fashion-MNIST folder, image folder or ADM .npz")
     ap.add_argument("--split", default="test", choices=("train", "test"))
     ap.add_argument("--max-images", type=int, help="evaluate only the first N images")
+    ap.add_argument("--pad-small", action=argparse.BooleanOptionalAction, default=True,
+                    help="Fashion-MNIST layout the tokenizer was trained on: centre-padded (the 32 px models) or, "
+                         "with --no-pad-small, upsampled with Lanczos (the 64 px v2 models, data.pad_small = false)")
     ap.add_argument("--inception", help="pt_inception-2015-12-05-6726825d.pth: adds rFID")
     ap.add_argument("--proxy-classifier", help="adds the proxy rFD (Fréchet distance in the classifier's features)")
     ap.add_argument("--batch-size", type=int, default=64)
@@ -151,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     size = vae.config.image_size
     data = Path(args.data)
     if data.is_dir() and any(data.glob("*-images-idx3-ubyte*")):
-        images, labels, _ = fashion_mnist_uint8(data, args.split, size)
+        images, labels, _ = fashion_mnist_uint8(data, args.split, size, args.pad_small)
         source = ArraySource(images, f"fashion-mnist {args.split}", labels)
     else:
         source = open_images(data)

@@ -131,3 +131,21 @@ def test_reconstructions_are_the_decoded_tokens(tmp_path):
     assert np.abs(out.astype(float) / 255 - want.permute(0, 2, 3, 1).clamp(0, 1).numpy()).max() <= 0.5 / 255 + 1e-6
     with pytest.raises(ValueError, match="takes"):
         reconstructed(images[:, :size // 2, :size // 2], str(path))
+
+
+@pytest.mark.slow  # 18 s: features of the 10,000 test images, twice
+def test_ref_stats_file_uses_the_classifiers_real_image_layout(fashion_mnist_root, tmp_path):
+    """eval.ref_stats --fashion-mnist renders the real images as the proxy's reference does everywhere else
+    (the 64 px classifier: upsampled to 64 px, not padded to its 32 px input)."""
+    from eval.data import load_ref_stats
+    from eval.harness import fashion_mnist_reference
+    from eval.ref_stats import main as ref_stats
+
+    weights = SHIPPED.with_name("fmnist64_classifier.safetensors")
+    ref_stats(["--fashion-mnist", str(fashion_mnist_root), "--proxy-classifier", str(weights), "--no-features",
+               "--out", str(tmp_path / "ref.npz"), "--batch-size", "1000"])
+    written = load_ref_stats(tmp_path / "ref.npz")
+    expected = fashion_mnist_reference(fashion_mnist_root, load_classifier(weights), batch_size=1000).stats
+    assert written.meta["source"]["image_size"] == 64 and written.meta["source"]["pad_small"] is False
+    np.testing.assert_allclose(written.arrays["mu"], expected["mu"], rtol=0, atol=1e-6)
+    np.testing.assert_allclose(written.arrays["sigma"], expected["sigma"], rtol=0, atol=1e-6)

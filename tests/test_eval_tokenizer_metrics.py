@@ -1,13 +1,17 @@
 """PSNR / SSIM / codebook statistics against closed forms and an independent numpy SSIM."""
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
-from eval.data import ArraySource
+from eval.data import ArraySource, fashion_mnist_uint8
 from eval.frechet import feature_stats, frechet_distance
 from eval.proxy import ClassifierConfig, ProxyClassifier
-from eval.tokenizer_metrics import codebook_stats, evaluate_tokenizer, psnr, ssim
+from eval.tokenizer_metrics import codebook_stats, evaluate_tokenizer, main, psnr, ssim
 from tokenizers import VQVAE, VQVAEConfig
+from training.checkpoint import load_any
 
 
 def _numpy_ssim(x_HW: np.ndarray, y_HW: np.ndarray, win: int = 11, sigma: float = 1.5) -> float:
@@ -85,3 +89,19 @@ def test_evaluate_tokenizer_end_to_end_on_tiny_vqvae():
     assert report["proxy_rfd"] == pytest.approx(frechet_distance(a.mu, a.sigma, b.mu, b.sigma), rel=1e-4, abs=1e-9)
     with pytest.raises(ValueError, match="tokenizer works at"):
         evaluate_tokenizer(vae, ArraySource(images[:, :size // 2, :size // 2]))
+
+
+def test_cli_measures_the_v2_tokenizer_on_the_layout_it_was_trained_on(fashion_mnist_root, tmp_path):
+    """--no-pad-small feeds Fashion-MNIST upsampled to 64 px, as the v2 tokenizer was trained (data.pad_small =
+    false); the report's images are exactly that layout's."""
+    tokenizer = Path(__file__).resolve().parents[1] / "checkpoints" / "fmnist64" / "tokenizer.safetensors"
+    reports = {}
+    for flag in ("--no-pad-small", "--pad-small"):
+        out = tmp_path / f"{flag}.json"
+        main(["--tokenizer", str(tokenizer), "--data", str(fashion_mnist_root), "--max-images", "32", "--threads", "1",
+              "--out", str(out), flag])
+        reports[flag] = json.loads(out.read_text())
+    images = fashion_mnist_uint8(fashion_mnist_root, "test", 64, pad_small=False)[0][:32]
+    direct = evaluate_tokenizer(load_any(tokenizer, "vqvae"), ArraySource(images), batch_size=64)
+    assert reports["--no-pad-small"]["psnr_db"] == pytest.approx(direct["psnr_db"], rel=1e-6)
+    assert reports["--pad-small"]["psnr_db"] < reports["--no-pad-small"]["psnr_db"] - 2  # the wrong layout
