@@ -103,7 +103,8 @@ def run(args) -> dict:
               "rows": []}
     ref_feats = None
     if net is not None:
-        real, _, _ = fashion_mnist_uint8("/usr/share/datasets/fashion-mnist", "test", vae.config.image_size)
+        real, _, _ = fashion_mnist_uint8("/usr/share/datasets/fashion-mnist", "test", net.config.real_image_size,
+                                         net.config.pad_small)  # the classifier's own real-image layout
         real_N3HW = torch.from_numpy(real).permute(0, 3, 1, 2).float().div(255)
         ref_feats = extract_from_tensors(net, real_N3HW, keys=("pool",))["pool"]
         result["meta"]["uncompressed"] = proxy_scores(net, ref_feats, base_img, labels_N)

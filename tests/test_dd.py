@@ -325,6 +325,9 @@ def test_train_py_dd_job_resumes_exactly_and_exports_a_loadable_student(tmp_path
     with pytest.raises(Interrupt):
         train.main(["dd", "--config", str(cfg_path), "--set", f"train.out_dir={tmp_path / 'cut'}"])
     monkeypatch.setattr(Trainer, "_train_step", original)
+    with pytest.raises(ValueError, match=r"config differs .* in \['dd'\]"):  # the [dd] table is the job's recipe
+        train.main(["dd", "--config", str(cfg_path), "--set", f"train.out_dir={tmp_path / 'cut'}", "--resume",
+                    "--set", "dd.cont_weight=3.0"])
     cut = train.main(["dd", "--config", str(cfg_path), "--set", f"train.out_dir={tmp_path / 'cut'}", "--resume"])
     a, b = load_model(full).state_dict(), load_model(cut).state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

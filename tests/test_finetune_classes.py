@@ -119,6 +119,22 @@ def test_same_class_count_is_a_plain_strict_load_of_our_format(tmp_path):
         assert all(torch.equal(v, source.state_dict()[k]) for k, v in model.state_dict().items())
 
 
+def test_our_file_with_another_head_count_or_norm_eps_is_refused(tmp_path):
+    """No tensor records num_heads without L2-normalised attention, nor norm_eps: our files do, and must agree."""
+    fields = {**SMALL, "attn_l2_norm": False}
+    torch.manual_seed(0)
+    save_model(tmp_path / "h4.safetensors", VAR(VARConfig(num_classes=3, **fields, norm_eps=1e-3)))
+    for other, message in ((dict(num_heads=2, norm_eps=1e-3), r"num_heads 4 \(file\) vs 2 \(model\)"),
+                           (dict(num_heads=4, norm_eps=1e-6), r"norm_eps 0.001 \(file\) vs 1e-06 \(model\)")):
+        torch.manual_seed(1)
+        model = VAR(VARConfig(num_classes=3, **{**fields, **other}))
+        with pytest.raises(CheckpointMismatchError, match=message + ".*set them in \\[var\\]"):
+            load_init_from(model, tmp_path / "h4.safetensors", "var")
+    torch.manual_seed(1)
+    same = VAR(VARConfig(num_classes=3, **fields, norm_eps=1e-3))
+    assert load_init_from(same, tmp_path / "h4.safetensors", "var")["class_mode"] == "same"
+
+
 def test_error_mode_is_one_line_naming_the_setting(folder, tmp_path, capsys):
     official_shape_source(tmp_path / "k1000.pth")
     with pytest.raises(CheckpointMismatchError, match=r"has 1000 classes but the model 3 .*train\.init_class_embedding"):

@@ -178,6 +178,13 @@ def test_resume_refuses_changed_settings(base_run, tmp_path, monkeypatch, change
     assert torch.equal(params(run / "var.safetensors")["head.weight"], before["head.weight"])
 
 
+def test_resume_may_change_loader_only_settings(base_run, tmp_path):
+    """data.num_workers and friends do not change a batch, so a resume on another machine may set them."""
+    run, cfg, _ = copy_run(base_run, tmp_path)
+    resume(cfg, run, "--set", "data.num_workers=1", "--set", "data.prefetch_factor=4", "--set", "train.steps=4")
+    assert [r["step"] for r in read_log(run)][-1] == 4
+
+
 # ---- damaged newest checkpoint --------------------------------------------------------------------------
 @pytest.mark.parametrize("damage", ["truncate", "flip_byte", "no_manifest"])
 def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(base_run, tmp_path, damage):

@@ -479,3 +479,12 @@ def test_export_weights_and_settings_added_after_a_checkpoint(tmp_path, tiny_tok
     with pytest.raises(ValueError, match="train.export_weights"):
         train.main(["var", "--config", str(cfg), "--set", f"train.out_dir={tmp_path / 'x'}", "--set",
                     "train.export_weights=best"])
+
+
+def test_fp16_tokenizer_with_a_gan_is_refused():
+    """accelerate's one GradScaler would be updated by both optimizers' steps: refused at config time."""
+    path = str(REPO / "configs" / "fmnist_tokenizer.toml")
+    with pytest.raises(ValueError, match="'fp16' with a GAN"):
+        train.load_train_config("tokenizer", path, ["train.mixed_precision=fp16", "loss.gan_weight=0.1"])
+    train.load_train_config("tokenizer", path, ["train.mixed_precision=fp16", "loss.gan_weight=0.0"])
+    train.load_train_config("tokenizer", path, ["train.mixed_precision=bf16", "loss.gan_weight=0.1"])

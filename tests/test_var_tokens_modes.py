@@ -235,3 +235,17 @@ def test_a_streamed_run_equals_a_cached_run_and_logs_validation(tmp_path, tokeni
     assert all(torch.equal(weights["cache"][k], weights["stream"][k]) for k in weights["cache"])
     assert (tmp_path / "cache" / "token_cache.safetensors.json").exists()
     assert not (tmp_path / "stream" / "token_cache.safetensors.json").exists()
+
+
+def test_val_batches_count_global_batches(tmp_path, tokenizer):
+    """train.val_batches = 1 scores one global batch (8 items) with or without gradient accumulation, and the
+    same validation loss (the model is the same after one step: accumulation does not change a step)."""
+    cfg = write_var_config(tmp_path, tokenizer, steps=1)
+    logs = {}
+    for accum in (1, 2):
+        out = tmp_path / f"accum{accum}"
+        train.main(["var", "--config", str(cfg), "--set", f"train.out_dir={out}", "--set", f"optim.grad_accum={accum}",
+                    "--set", "data.val_fraction=0.5", "--set", "train.val_every=1", "--set", "train.val_batches=1"])
+        logs[accum] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if "val_" in line]
+    assert [r["val_items"] for r in logs[1]] == [r["val_items"] for r in logs[2]] == [8]
+    assert logs[1][0]["val_loss"] == pytest.approx(logs[2][0]["val_loss"], rel=1e-5)

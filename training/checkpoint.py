@@ -374,6 +374,10 @@ def check_models_compatible(var: VAR, vae: VQVAE, what: str = "VAR", *, main: VA
 CLASS_MODES = ("error", "reinit", "resize")
 
 
+# VARConfig fields that change what the weights compute without changing any tensor's shape
+SHAPELESS_VAR_FIELDS = ("num_heads", "norm_eps", "attn_l2_norm")
+
+
 @torch.no_grad()
 def load_init_from(model: nn.Module, path: str | Path, kind: str, class_mode: str = "error") -> dict:
     """Start `model` from the weights in `path` (ours or an official .pth, through load_any: never pickle).
@@ -389,9 +393,19 @@ def load_init_from(model: nn.Module, path: str | Path, kind: str, class_mode: st
         raise ValueError(f"train.init_class_embedding must be {', '.join(CLASS_MODES[:-1])} or {CLASS_MODES[-1]}, "
                          f"got {class_mode!r}")
     patch_nums = getattr(model, "patch_nums", None)
-    # without L2-normalised attention no tensor records the head count: the model's own is the only guess
-    overrides = {"num_heads": model.config.num_heads} if kind == "var" and not model.config.attn_l2_norm else None
-    state = load_any(path, kind, patch_nums=patch_nums, overrides=overrides).state_dict()
+    # An official .pth records no config: without L2-normalised attention no tensor gives the head count, and
+    # the model's own is the only guess. Our files record theirs, which must then equal the model's.
+    official = not str(path).endswith(".safetensors")
+    overrides = ({"num_heads": model.config.num_heads}
+                 if kind == "var" and official and not model.config.attn_l2_norm else None)
+    source = load_any(path, kind, patch_nums=patch_nums, overrides=overrides)
+    if kind == "var":
+        differ = [f"{f} {getattr(source.config, f)} (file) vs {getattr(model.config, f)} (model)"
+                  for f in SHAPELESS_VAR_FIELDS if getattr(source.config, f) != getattr(model.config, f)]
+        if differ:
+            raise CheckpointMismatchError(f"{path}: {'; '.join(differ)}; no tensor shape records these, so its weights "
+                                          f"would compute something else: set them in [var] as the file has them")
+    state = source.state_dict()
     report = {"init_from": str(path), "class_mode": "same"}
     own = model.state_dict().get("class_emb.weight") if isinstance(model, VAR) else None
     src = state.get("class_emb.weight")

@@ -178,7 +178,7 @@ class RunConfig:
     # <out_dir>/token_cache.safetensors); runs may share one
     token_cache: str = ""
     val_every: int = 0  # VAR / tokenizer: validation loss (and per-scale accuracy) every N steps; 0 disables
-    val_batches: int = 0  # batches of the held-out split per validation pass; 0: all of it
+    val_batches: int = 0  # global batches (optim.batch_size items) of the held-out split per validation pass; 0: all
     # accelerate trackers besides metrics.jsonl (always written): "" (none), "tensorboard", "wandb", "all", or
     # a comma list; their files go to <out_dir>/trackers
     log_with: str = ""
@@ -251,6 +251,11 @@ class TrainConfig:
         _text("job", self.job, nonempty=True)
         if not isinstance(self.code, dict):
             raise TypeError(f"[code] must be a table, got {self.code!r}")
+        if self.job == "tokenizer" and self.train.mixed_precision == "fp16" and self.loss.gan_weight > 0:
+            # accelerate shares one GradScaler between the generator's and the discriminator's optimizer, and
+            # each optimizer step updates it: the scale would be updated twice per training step
+            raise ValueError("train.mixed_precision = 'fp16' with a GAN (loss.gan_weight > 0) is not supported: "
+                             "use 'bf16' (the CUDA default), or train without the discriminator")
         # the dd job reads its own data set ([dd]); for the others a procedural set smaller than one global
         # batch could never fill a step (the Trainer checks the other kinds once they are read)
         if self.job != "dd" and self.data.kind == "procedural" and self.data.num_samples < self.optim.batch_size:

@@ -36,6 +36,11 @@ class TrainJob:
     def all_models(self) -> list[torch.nn.Module]:
         return [self.model] + self.extra_models()
 
+    def resume_settings(self) -> dict:
+        """The job's own settings a resumed run must keep, as JSON (the run's settings and the models' configs
+        are compared by the Trainer)."""
+        return {}
+
     def loader_dataset(self) -> Dataset:
         return KeyDataset()
 

@@ -18,6 +18,8 @@ from training.atomic import file_sha256
 # Resume-relevant settings added after runs were made, with the default that reproduces the old behaviour: a
 # checkpoint written before a setting existed resumes as long as the setting keeps that default.
 ADDED_SETTINGS = {"optim": {"ema_warmup": False}}
+# [data] keys that only tune the loader: the batches are bitwise the same for any value, so a resume may change them
+LOADER_ONLY = ("num_workers", "persistent_workers", "prefetch_factor")
 
 
 def plain(obj):
@@ -30,7 +32,8 @@ def resume_relevant(cfg: dict) -> dict:
     content (its tokens are the data), the precision as configured ('auto' may resolve differently on other
     hardware)."""
     tokenizer = cfg["train"]["tokenizer"]
-    return plain({"job": cfg["job"], "data": cfg["data"], "optim": cfg["optim"], "loss": cfg["loss"],
+    data = {k: v for k, v in cfg["data"].items() if k not in LOADER_ONLY}
+    return plain({"job": cfg["job"], "data": data, "optim": cfg["optim"], "loss": cfg["loss"],
                   "code": cfg.get("code", {}), "seed": cfg["train"]["seed"],
                   "label_smoothing": cfg["train"]["label_smoothing"],
                   "mixed_precision": cfg["train"]["mixed_precision"],
@@ -48,6 +51,8 @@ def saved_settings(saved: dict) -> dict:
     for section, added in ADDED_SETTINGS.items():
         if isinstance(out.get(section), dict):
             out[section] = {**added, **out[section]}
+    if isinstance(out.get("data"), dict):  # checkpoints written before LOADER_ONLY was left out
+        out["data"] = {k: v for k, v in out["data"].items() if k not in LOADER_ONLY}
     return out
 
 

@@ -40,7 +40,7 @@ from training.images import save_png_atomic
 from training.dist_state import (ShardedEMA, check_supported, distributed_kind, full_model_state,
                                  full_optimizer_state, load_model_state, load_optimizer_state)
 from training.optim import EMA, build_adamw, ema_decay_at, set_schedule
-from training.resume_settings import check_same_settings, model_settings, resume_relevant
+from training.resume_settings import check_same_settings, model_settings, plain, resume_relevant
 from training.config import TrainConfig
 from training.job import TrainJob
 from training.loader import SkipCounter, StepBatchSampler, ValSampler, make_loader
@@ -83,7 +83,8 @@ class Trainer:
                              f"= {world} x {accum}")
         self.micro_batch = cfg.optim.batch_size // (world * accum)
         # what a resume must keep: the run's settings and the configs of the models it trains
-        self.resume_settings = {**resume_relevant(asdict(cfg)), "models": model_settings(job.all_models())}
+        self.resume_settings = {**resume_relevant(asdict(cfg)), "models": model_settings(job.all_models()),
+                                **plain(job.resume_settings())}
         self.num_items = job.num_items()
         if self.num_items < cfg.optim.batch_size:
             raise ValueError(f"the dataset has {self.num_items} items, fewer than one global batch ({cfg.optim.batch_size})")
@@ -241,9 +242,11 @@ class Trainer:
         model.eval()
         sums: dict[str, float] = {}
         count = 0.0
-        # this process's share of the held-out batches, padded so every process runs the same forwards
-        batches = ValSampler(len(dataset), self.micro_batch, self.cfg.train.val_batches, acc.num_processes,
-                             acc.process_index, pad=True)
+        # this process's share of the held-out batches, padded so every process runs the same forwards;
+        # train.val_batches counts global batches, so the items scored do not depend on processes x grad_accum
+        micro_per_global = acc.num_processes * self.cfg.optim.grad_accum
+        batches = ValSampler(len(dataset), self.micro_batch, self.cfg.train.val_batches * micro_per_global,
+                             acc.num_processes, acc.process_index, pad=True)
         if self._val_loader is None:  # built once: with persistent_workers its workers live between passes
             self._val_loader = self._loader(dataset, batches, self.cfg.data.num_workers)  # images: decoded by workers
         for weight, cpu_batch in zip(batches.weights, self._val_loader, strict=True):

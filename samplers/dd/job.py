@@ -14,6 +14,7 @@ per-coordinate variance so that `cont_weight` = 1 weighs both heads alike whatev
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -162,6 +163,9 @@ class DDJob(TrainJob):
             raise ValueError(f"{self.dd.data_dir} was generated with another tokenizer than {self.dd.tokenizer}")
 
     # ---- job interface (see training/trainer.py) ---------------------------------------------------------------
+    def resume_settings(self) -> dict:
+        return {"dd": dataclasses.asdict(self.dd)}
+
     def num_items(self) -> int:
         return len(self.data) - self.dd.val_samples
 
