@@ -201,13 +201,24 @@ def test_asi_identifies_the_diffuse_layer_on_a_synthetic_tensor():
     mask = identify_drafters(asi, [1, 2], drafter_frac=2 / 8)
     assert [(l, k) for l in range(4) for k in range(4) if mask[l][k]] == [(0, 1), (0, 2)]
     assert sum(map(sum, identify_drafters(asi, [1, 2], 0.0))) == 0
+    # pooled (the paper) vs per scale: two diffuse layers at scale 1 (z -1.01, -0.99), none at scale 2 (three
+    # layers at z -0.58, one selective outlier)
+    asi = torch.tensor([[0.0, 0.01, 0.50], [0.0, 0.02, 0.50], [0.0, 0.90, 0.50], [0.0, 0.91, 0.90]])
+    drafters = {sel: sorted((l, k) for l in range(4) for k in range(3) if identify_drafters(asi, [1, 2], 0.25, sel)[l][k])
+                for sel in ("pooled", "per_scale")}
+    assert drafters == {"pooled": [(0, 1), (1, 1)], "per_scale": [(0, 1), (0, 2)]}
+    with pytest.raises(ValueError, match="selection must be one of"):
+        identify_drafters(asi, [1, 2], 0.25, "global")
 
 
 def test_calibration_file_is_deterministic_and_tied_to_the_model(setup, tmp_path):
     vae, var, cal = setup
     data = json.loads(cal.read_text())
     assert data["scales"] == [1, 2, 3, 4] and len(data["drafters"]) == 4 * max(1, round(0.25 * var.depth))
-    assert sorted({k for _, k in data["drafters"]}) == [1, 2, 3, 4]  # every ranked scale has a drafter
+    # the paper's pooled rule: the N_d pairs of smallest z over every ranked (layer, scale) pair
+    pairs = sorted((data["z"][l][k], k, l) for k in data["scales"] for l in range(var.depth))
+    assert sorted([l, k] for _, k, l in pairs[: len(data["drafters"])]) == sorted(data["drafters"])
+    assert data["settings"]["selection"] == "pooled"
     assert all(not any(row[k] for row in data["drafter_mask"]) for k in (0, len(PN) - 1))
     again = save_calibration(calibrate(var, vae, [0, 3, 6, 9], seeds=[0], drafter_frac=0.25), tmp_path / "again.json")
     assert json.loads(again.read_text()) == data

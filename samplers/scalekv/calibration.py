@@ -5,10 +5,11 @@ For every query of the current map (attention after softmax, averaged over heads
   history conc.  = sum of the `hist_topk` (K') largest weights on keys of earlier maps.
 ASI(l, k) = mean(current ratio) * mean(history conc.) over queries, rows and calibration samples.
 Low ASI = attention diffuse over the history = "drafter" layer (needs a large cache). Scores are
-z-normalised over layers within each scale, and at every scale the max(1, round(drafter_frac * layers))
-layers of smallest z are drafters (per scale, so every compressed scale has both kinds, as in the released
-budgets). Only scales 1..K-2 are ranked: scale 0 has no history and the cache after the last scale is
-never reused.
+z-normalised over layers within each scale. Selection "pooled" (the paper's rule, the default): over all
+ranked (layer, scale) pairs, the N_d of smallest z are drafters, N_d = max(1, round(drafter_frac * layers))
+per ranked scale on average, so a scale may get none or several. Selection "per_scale": exactly that many
+at every scale (every compressed scale then has both kinds). Only scales 1..K-2 are ranked: scale 0 has no
+history and the cache after the last scale is never reused.
 
 The result is a small JSON tied to the model by a hash of its config and weights; loading it for
 another model is refused. CLI: python -m samplers.scalekv.calibration --var V.safetensors --tokenizer T.safetensors --out cal.json
@@ -55,19 +56,26 @@ def drafters_per_scale(num_layers: int, drafter_frac: float) -> int:
     return 0 if drafter_frac == 0 else max(1, round(drafter_frac * num_layers))
 
 
-def identify_drafters(asi_LK: torch.Tensor, scales: list[int], drafter_frac: float) -> list[list[bool]]:
-    """Boolean (L, K) mask: at every listed scale, the `drafters_per_scale` layers of smallest z are drafters.
+SELECTIONS = ("pooled", "per_scale")
 
-    Per scale, not pooled over scales: every scale a budget may compress then has both kinds, so ScaleKV's
-    allocation differs from a uniform one wherever it compresses."""
+
+def identify_drafters(asi_LK: torch.Tensor, scales: list[int], drafter_frac: float,
+                      selection: str = "pooled") -> list[list[bool]]:
+    """Boolean (L, K) mask of drafter (layer, scale) pairs: the `drafters_per_scale x len(scales)` pairs of
+    smallest z over every listed scale ("pooled", the paper's rule), or the `drafters_per_scale` layers of
+    smallest z at each listed scale ("per_scale"). Ties: lower scale, then lower layer first."""
     if not 0.0 <= drafter_frac <= 1.0:
         raise ValueError(f"drafter_frac must be in [0, 1], got {drafter_frac}")
+    if selection not in SELECTIONS:
+        raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
     L, K = asi_LK.shape
     z = zscore_per_scale(asi_LK, scales)
     n = drafters_per_scale(L, drafter_frac)
+    groups = [scales] if selection == "pooled" else [[k] for k in scales]
     mask = [[False] * K for _ in range(L)]
-    for k in scales:
-        for l in sorted(range(L), key=lambda l: (float(z[l, k]), l))[:n]:  # ties: lower layer first
+    for group in groups:
+        ranked = sorted(((float(z[l, k]), k, l) for k in group for l in range(L)))
+        for _, k, l in ranked[: n * len(group)]:
             mask[l][k] = True
     return mask
 
@@ -103,7 +111,7 @@ class ASIRecorder(KVPolicy):
 
 @torch.no_grad()
 def calibrate(var, vae, labels, seeds, *, drafter_frac: float = 0.08, hist_topk: int = 16, cfg: float = 1.5,
-              top_k: int = 0, top_p: float = 0.0) -> dict:
+              top_k: int = 0, top_p: float = 0.0, selection: str = "pooled") -> dict:
     """Run the uncompressed sampler on `labels` x `seeds` (one generation per seed, all labels in a batch)."""
     K = var.num_scales
     recorder = ASIRecorder(var.depth, K, hist_topk)
@@ -113,11 +121,12 @@ def calibrate(var, vae, labels, seeds, *, drafter_frac: float = 0.08, hist_topk:
         sampler.sample(labels, cfg=cfg, top_k=top_k, top_p=top_p, seed=int(seed), decode=False)
     asi = recorder.asi()
     scales = list(range(1, K - 1))
-    mask = identify_drafters(asi, scales, drafter_frac)
+    mask = identify_drafters(asi, scales, drafter_frac, selection)
     z = zscore_per_scale(asi, scales)
     return {"format": FORMAT, "version": VERSION, "model": model_fingerprint(var),
             "settings": {"labels": labels.tolist(), "seeds": [int(s) for s in seeds], "cfg": cfg, "top_k": top_k,
-                         "top_p": top_p, "hist_topk": hist_topk, "drafter_frac": drafter_frac},
+                         "top_p": top_p, "hist_topk": hist_topk, "drafter_frac": drafter_frac,
+                         "selection": selection},
             "scales": scales, "asi": asi.tolist(),
             "z": [[None if v != v else v for v in row] for row in z.tolist()],
             "drafters": [[l, k] for l in range(var.depth) for k in range(K) if mask[l][k]],
@@ -131,7 +140,10 @@ def main(argv=None) -> None:
     p.add_argument("--out", required=True, help="calibration JSON to write")
     p.add_argument("--classes", type=int, default=10, help="calibration labels 0..classes-1 (spaced over the label range)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
-    p.add_argument("--drafter-frac", type=float, default=0.08)
+    p.add_argument("--drafter-frac", type=float, default=0.08,
+                   help="drafter (layer, scale) pairs per ranked scale, as a fraction of the layers")
+    p.add_argument("--selection", choices=SELECTIONS, default="pooled",
+                   help="pooled: the paper's rule (smallest z over all pairs); per_scale: the same count at every scale")
     p.add_argument("--hist-topk", type=int, default=16)
     p.add_argument("--cfg", type=float, default=1.5)
     args = p.parse_args(argv)
@@ -140,7 +152,8 @@ def main(argv=None) -> None:
     var = load_any(args.var, "var", patch_nums=vae.patch_nums).eval()
     n = min(args.classes, var.num_classes)
     labels = torch.linspace(0, var.num_classes - 1, n).round().long()
-    result = calibrate(var, vae, labels, args.seeds, drafter_frac=args.drafter_frac, hist_topk=args.hist_topk, cfg=args.cfg)
+    result = calibrate(var, vae, labels, args.seeds, drafter_frac=args.drafter_frac, hist_topk=args.hist_topk,
+                       cfg=args.cfg, selection=args.selection)
     print(f"drafters (layer, scale): {result['drafters']} -> {save_calibration(result, args.out)}")
 
 
