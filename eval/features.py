@@ -10,6 +10,7 @@ InceptionFeatures (eval.inception) and ProxyClassifier (eval.proxy) both follow 
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -29,6 +30,19 @@ class FeatureNetwork(Protocol):
     def __call__(self, img_B3HW_01: torch.Tensor) -> dict[str, torch.Tensor]: ...
 
 
+@contextmanager
+def full_fp32(device_type: str):
+    """Plain float32 inside: autocast off, and no TF32 in CUDA matmuls or convolutions (on by default for
+    cuDNN, and the trainer turns it on for matmuls), so features do not depend on the GPU generation."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        with torch.autocast(device_type=device_type, enabled=False):
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
 def check_feature_network(net) -> None:
     if not isinstance(net, FeatureNetwork) or "pool" not in getattr(net, "feature_names", ()):
         raise TypeError(f"{type(net).__name__} is not a FeatureNetwork: it needs `name`, `feature_names` "
@@ -45,7 +59,7 @@ def extract_features(net, source: ImageSource, batch_size: int = 100, device: st
                      desc: str | None = None, keys: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
     """Run `net` over all images of `source`; returns {key: (N, D) float32} for the requested keys.
 
-    Runs in float32 (no autocast): FID is sensitive to feature precision, and the reference statistics it is
+    Runs in float32 (`full_fp32`): FID is sensitive to feature precision, and the reference statistics it is
     compared with were computed in float32.
     """
     check_feature_network(net)
@@ -55,7 +69,7 @@ def extract_features(net, source: ImageSource, batch_size: int = 100, device: st
     if absent:
         raise ValueError(f"{net.name} does not produce {absent}; it gives {net.feature_names}")
     chunks: dict[str, list[np.ndarray]] = {k: [] for k in keys}
-    with tqdm(total=len(source), desc=desc or f"features ({net.name})", unit="img") as bar:
+    with full_fp32(device.type), tqdm(total=len(source), desc=desc or f"features ({net.name})", unit="img") as bar:
         for batch in source.batches(batch_size):
             out = net(uint8_to_input(batch, device))
             for k in keys:
@@ -72,8 +86,9 @@ def extract_from_tensors(net, img_N3HW_01: torch.Tensor, batch_size: int = 100, 
     device = next(net.parameters()).device
     keys = tuple(keys or net.feature_names)
     chunks: dict[str, list[np.ndarray]] = {k: [] for k in keys}
-    for i in tqdm(range(0, len(img_N3HW_01), batch_size), desc=desc or f"features ({net.name})", leave=False):
-        out = net(img_N3HW_01[i:i + batch_size].to(device).float())
-        for k in keys:
-            chunks[k].append(out[k].float().cpu().numpy())
+    with full_fp32(device.type):
+        for i in tqdm(range(0, len(img_N3HW_01), batch_size), desc=desc or f"features ({net.name})", leave=False):
+            out = net(img_N3HW_01[i:i + batch_size].to(device).float())
+            for k in keys:
+                chunks[k].append(out[k].float().cpu().numpy())
     return {k: np.concatenate(v) for k, v in chunks.items()}

@@ -7,7 +7,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from eval.data import fashion_mnist_uint8
+from eval.data import ArraySource, fashion_mnist_uint8
+from eval.features import extract_features, extract_from_tensors
 from eval.real_reference import blurred, class_balanced, from_padded_layout, reconstructed
 from tests.conftest import make_tiny_pair
 from training.checkpoint import save_model
@@ -149,3 +150,27 @@ def test_ref_stats_file_uses_the_classifiers_real_image_layout(fashion_mnist_roo
     assert written.meta["source"]["image_size"] == 64 and written.meta["source"]["pad_small"] is False
     np.testing.assert_allclose(written.arrays["mu"], expected["mu"], rtol=0, atol=1e-6)
     np.testing.assert_allclose(written.arrays["sigma"], expected["sigma"], rtol=0, atol=1e-6)
+
+
+def test_features_are_plain_fp32_even_inside_autocast_and_with_tf32_on():
+    """Feature extraction turns autocast and TF32 off for its forwards and restores the caller's settings."""
+    seen = []
+
+    class Recording(ProxyClassifier):
+        def forward(self, x):
+            seen.append((torch.is_autocast_enabled("cpu"), torch.backends.cuda.matmul.allow_tf32,
+                         torch.backends.cudnn.allow_tf32))
+            return super().forward(x)
+
+    net = Recording(ClassifierConfig(widths=(4, 8), feature_dim=3)).eval()
+    images = np.zeros((2, 32, 32, 3), dtype=np.uint8)
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            feats = extract_features(net, ArraySource(images), keys=("pool",))
+            extract_from_tensors(net, torch.zeros(2, 3, 32, 32), keys=("pool",))
+        assert seen == [(False, False, False)] * 2 and feats["pool"].dtype == np.float32
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32  # restored
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved

@@ -47,7 +47,8 @@ def drafter_loss(logits_BLV: torch.Tensor, targets_BL: torch.Tensor, patch_nums,
 
 
 def kd_lambda(t: float, total: float) -> float:
-    """Weight of the drafting scales: 1 at the start, linearly down to 0 at `total`, then 0."""
+    """Weight of the drafting scales at 0-based step t: 1 at the start, linearly down to 0 at `total` (so the
+    last step of a run with total = steps uses 1 / steps), then 0."""
     if total <= 0:
         raise ValueError(f"the schedule length must be > 0, got {total}")
     return max(0.0, 1.0 - t / total)
