@@ -13,6 +13,7 @@ and writes them as JSON (--out, default next to the samples).
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import sys
 import time
@@ -127,6 +128,15 @@ def default_out(samples: str | Path) -> Path:
     return samples.parent / f"{samples.stem if samples.is_file() else samples.name}_metrics.json"
 
 
+def check_writable_file(out: Path) -> None:
+    """`out` can be written: not a folder, and its nearest existing parent a writable folder."""
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a folder; give a .json file path")
+    existing = next(p for p in out.parents if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out}: {existing} is not a writable folder; choose another --out")
+
+
 def format_metrics(report: dict) -> str:
     lines = []
     for part in ("inception", "proxy"):
@@ -151,12 +161,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("nothing to compute: pass --inception PATH (with --ref) and/or --proxy-classifier PATH")
     if args.inception and not args.ref:
         parser.error("--inception needs --ref (reference statistics or an ADM reference batch)")
+    out = Path(args.out) if args.out else default_out(args.samples)
+    check_writable_file(out)  # before the features are computed
     try:
         report = run(args)
     except FIDModeError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    out = Path(args.out) if args.out else default_out(args.samples)
     write_json_atomic(out, report)
     print(format_metrics(report))
     print(f"wrote {out}")

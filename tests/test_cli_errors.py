@@ -52,6 +52,8 @@ BAD_INPUT = [
     (PY + ["-m", "eval.fid", "--samples", f"{NO}.npz"], "--proxy-classifier"),
     (PY + ["-m", "benchmarks.benchmark", "--repeats", "0"], "--repeats"),
     (PY + ["-m", "benchmarks.benchmark", "--batch-sizes", "0"], "--batch-sizes"),
+    (PY + ["-m", "eval.fid", "--samples", f"{NO}.npz", "--proxy-classifier", f"{NO}.safetensors", "--out",
+           "README.md/metrics.json"], "README.md is not a writable folder"),
     (PY + ["-m", "benchmarks.benchmark", "--cfg", "inf"], "--cfg"),
     (PY + ["train.py", "var", "--config", "configs/fmnist_var_drafter.toml", "--set", "train.steps.x=3"],
      "train.steps is a value, not a table"),
