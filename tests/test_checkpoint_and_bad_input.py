@@ -131,11 +131,13 @@ def test_bad_tokens(tiny_pair):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(cfg=-1.0), "cfg must be a number >= 0"),
+    (dict(cfg=-1.0), r"cfg must be a number in \[0, 10000\]"),
+    (dict(cfg=float("inf")), r"cfg must be a number in \[0, 10000\]"),
     (dict(top_p=1.5), r"top_p must be in \[0, 1\]"),
     (dict(top_p=-0.1), r"top_p must be in \[0, 1\]"),
     (dict(top_k=10_000), "top_k must be an integer"),
-    (dict(temperature=0.0), "temperature must be > 0"),
+    (dict(temperature=0.0), "temperature must be a finite number > 0"),
+    (dict(temperature=float("inf")), "temperature must be a finite number > 0"),
     (dict(temperature=[1.0, 1.0]), "per-scale temperature needs 4 values"),
 ])
 def test_bad_sampling_arguments(tiny_pair, kwargs, message):

@@ -78,8 +78,10 @@ class VQVAE(nn.Module):
         """Images in [-1, 1] -> token maps, one (B, pn*pn) int64 tensor per scale. In fp32 also inside an
         autocast region: tokens must not depend on the mixed-precision setting (a bf16 encoder changes a few
         per cent of the finer scales' tokens)."""
+        if img_B3HW.is_floating_point():  # (integer images are refused by check_images, naming the fix)
+            img_B3HW = img_B3HW.float()
         with torch.autocast(device_type=img_B3HW.device.type, enabled=False):
-            return self.quantize.encode(self.encode_latent(img_B3HW.float()))
+            return self.quantize.encode(self.encode_latent(img_B3HW))
 
     def fhat_to_img(self, f_hat: torch.Tensor) -> torch.Tensor:
         """Accumulated latent -> image in [-1, 1] (clamped)."""
