@@ -20,7 +20,6 @@ Per-row generators (a list of B generators): row b consumes only generator b, in
 from __future__ import annotations
 
 import math
-
 from dataclasses import dataclass
 
 import torch

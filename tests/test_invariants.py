@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from tests.conftest import make_tiny_pair
 from samplers import build_sampler
@@ -137,3 +138,45 @@ def test_quantizer_training_forward_straight_through_and_counters(tiny_pair):
     torch.testing.assert_close(out.vq_loss, expected, atol=1e-6, rtol=1e-5)
     assert q.ema_vocab_hit_SV.sum(1).gt(0).all(), "training updates the usage statistics"
     q.eval()
+
+
+def _usage_on_rank(rank: int, world: int, port: int, out_dir: str) -> None:
+    import os
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    q = make_tiny_pair(seed=4)[1].quantize.train()
+    f = torch.randn(2, q.z_channels, 4, 4, generator=torch.Generator().manual_seed(rank))
+    out = q(f)
+    save_file({"ema": q.ema_vocab_hit_SV.contiguous(), "hits": out.hits_per_scale.contiguous()},
+              f"{out_dir}/rank{rank}.safetensors")
+    torch.distributed.destroy_process_group()
+
+
+def test_codebook_usage_counts_every_process(tmp_path):
+    """Two gloo processes, each its own batch: both hold the usage statistic of the two batches together."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_usage_on_rank, args=(2, port, str(tmp_path)), nprocs=2)
+    ranks = [load_file(tmp_path / f"rank{r}.safetensors") for r in range(2)]
+    q = make_tiny_pair(seed=4)[1].quantize.train()
+    total = sum(q(torch.randn(2, q.z_channels, 4, 4, generator=torch.Generator().manual_seed(r))).hits_per_scale
+                for r in range(2))
+    expected = total / total.sum(1, keepdim=True)  # a fresh statistic starts at the first batch's rates
+    for got in ranks:
+        assert torch.equal(got["hits"], total)
+        torch.testing.assert_close(got["ema"], expected)
+
+
+def test_teacher_forcing_input_is_fp32_inside_an_autocast_region(tiny_pair):
+    """The trainer builds the VAR input under autocast; its phi convolutions must still run in float32."""
+    _, vae = tiny_pair
+    q = vae.quantize
+    idx = [torch.randint(0, q.vocab_size, (3, p * p), generator=torch.Generator().manual_seed(p)) for p in q.patch_nums]
+    plain = q.teacher_forcing_input(idx)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(q.teacher_forcing_input(idx), plain)

@@ -79,7 +79,7 @@ class QuantizerOutput:
     f_hat_st: torch.Tensor  # straight-through f_hat: forward value f_hat, gradient to the encoder as identity
     vq_loss: torch.Tensor  # (1/SN) sum_k beta*mse(sg(f_hat_k), f) + mse(f_hat_k, sg(f))
     idx_per_scale: list[torch.Tensor]  # (B, pn*pn) each
-    hits_per_scale: torch.Tensor  # (SN, V) code counts of this batch (reduce across processes before use)
+    hits_per_scale: torch.Tensor  # (SN, V) code counts of this batch (of every process's, training distributed)
 
 
 class MultiScaleQuantizer(nn.Module):
@@ -159,10 +159,12 @@ class MultiScaleQuantizer(nn.Module):
         """
         self._check_tokens(idx_per_scale[: self.num_scales - 1], self.num_scales - 1)
         f_hat, maps = None, []
-        for si in range(self.num_scales - 1):
-            h = self.scale_contribution(si, self.lookup(idx_per_scale[si], self.patch_nums[si]).float())
-            f_hat = h if f_hat is None else f_hat + h
-            maps.append(rearrange(area_resize(f_hat, self.patch_nums[si + 1]), "b c h w -> b (h w) c"))
+        # float32 also when a trainer calls this under autocast (the reference builds it outside amp)
+        with torch.autocast(device_type=self.embedding.weight.device.type, enabled=False):
+            for si in range(self.num_scales - 1):
+                h = self.scale_contribution(si, self.lookup(idx_per_scale[si], self.patch_nums[si]).float())
+                f_hat = h if f_hat is None else f_hat + h
+                maps.append(rearrange(area_resize(f_hat, self.patch_nums[si + 1]), "b c h w -> b (h w) c"))
         return torch.cat(maps, dim=1)
 
     def _check_tokens(self, idx_per_scale: list[torch.Tensor], expected: int) -> None:
@@ -181,6 +183,8 @@ class MultiScaleQuantizer(nn.Module):
         f = f_BChw.float()  # the quantizer always runs in fp32, also under autocast
         vq_loss, idx_per_scale, _, hits, f_hat = self._quantize(f, track_loss=True)
         if self.training:
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                torch.distributed.all_reduce(hits)  # the usage statistic counts every process's codes
             self._update_usage(hits)
         # Straight-through: decoder sees f_hat, the encoder receives the decoder's gradient unchanged.
         f_hat_st = (f_hat.detach() - f.detach()) + f
