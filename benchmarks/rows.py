@@ -9,7 +9,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.contenders import ENGINE_KEYS, summarise
-from benchmarks.measure import count_flops, process_rss_bytes
+from benchmarks.measure import count_flops, median_iqr, process_rss_bytes
 from benchmarks.quality import mean_psnr
 
 
@@ -23,8 +23,9 @@ def row_of(spec_label: str, c, batch: int, times: list[float], first: dict, args
                    tokens_processed=st.tokens_processed, kv_bytes_peak=st.kv_bytes_peak,
                    kv_bytes_per_scale=st.kv_bytes_per_scale,
                    decoded=c.out.images is not None, extra=_jsonable(st.extra),
-                   peak_memory_bytes=(torch.cuda.max_memory_allocated() if c.labels_B.device.type == "cuda"
-                                      else process_rss_bytes()))
+                   # this call's own CUDA peak (the sampler resets the counter); on CPU no per-call peak
+                   # exists, only the process's resident memory after every contender ran
+                   peak_memory_bytes=st.cuda_max_memory_allocated, process_rss_bytes=process_rss_bytes())
         if c.sampler.compile is not None and "first_call_s" in row:
             row["compile_s"] = row["first_call_s"] - row["median_s"]  # first call minus a warm call
     if c.kind == "reference" and c.full:
@@ -43,7 +44,9 @@ def compare(row: dict, base: dict, c, base_c) -> None:
     """Ratios of a row against the baseline row of the same rounds (and agreement on the same seed)."""
     row["speedup_vs_baseline"] = base["median_s"] / row["median_s"]
     n = min(len(row["times_s"]), len(base["times_s"]))
-    row["speedup_vs_baseline_paired"] = statistics.median(b / t for b, t in zip(base["times_s"][:n], row["times_s"][:n]))
+    paired = [b / t for b, t in zip(base["times_s"][:n], row["times_s"][:n])]  # round by round
+    row["speedup_vs_baseline_paired"] = statistics.median(paired)
+    row["speedup_iqr"] = median_iqr(paired)["iqr"]  # the spread of the ratio itself, both rows' noise included
     if c.kind == "ours" and base_c.kind == "ours":
         row["kv_bytes_ratio_vs_baseline"] = row["kv_bytes_peak"] / max(1, base["kv_bytes_peak"])
         extra = row.get("extra", {})

@@ -124,8 +124,9 @@ def speed_cell(run: dict, spec: str, batch: int) -> str:
     row = _row(run, spec, batch)
     if row is None:
         return "—"
-    return f"{row['speedup_vs_baseline']:.2f}x ± {row['iqr_frac'] / 2 * row['speedup_vs_baseline']:.2f}" + (
-        " noisy" if row.get("noisy") else "")
+    # half the IQR of the round-paired ratios (runs before they were stored: of the row's own times)
+    half = row.get("speedup_iqr", row["iqr_frac"] * row["speedup_vs_baseline"]) / 2
+    return f"{row['speedup_vs_baseline']:.2f}x ± {half:.2f}" + (" noisy" if row.get("noisy") else "")
 
 
 def ratio_cell(run: dict, spec: str, batch: int, key: str, fmt) -> str:
@@ -152,9 +153,12 @@ def markdown(result: dict) -> str:
             [f"b{b} no decode" for b in batches] +
             [f"FLOP ceiling b{batches[0]}", f"KV peak b{batches[-1]}", "KV kept", "proxy FD", "proxy accuracy",
              "proxy recall", "token agreement vs default", "target"])
+    paired = any("speedup_iqr" in r for run in (full, fast) for r in run["rows"])
+    spread = "of the round-paired ratios " if paired else "of the sampler's own times "
     lines = [f"Measured {m['date']} on {full['meta']['device']} ({full['meta']['torch_threads']} torch threads, load "
              f"average {load_text(full['meta'].get('load_average_start'))} at start); models {m['models']}; speed = ratio to "
-             f"`default` in the same rounds ± half the IQR ({m['repeats']} rounds; `noisy`: IQR > 10 % of the median); "
+             f"`default` in the same rounds ± half the IQR {spread}({m['repeats']} rounds, a noisy row measured "
+             f"again over twice as many; `noisy`: IQR > 10 % of the median); "
              f"{m['quality_images']} class-balanced images per sampler, 95 % intervals; {sampling}KV peak: the most "
              f"KV bytes held during a forward (the current scale's own entries included), KV kept: the largest cache "
              f"a compressing policy carries from one scale to the next (what its budget bounds), both against "
