@@ -165,6 +165,9 @@ def run(args) -> dict:
             raise ValueError("--sampler reference needs --reference-checkout PATH (a checkout of FoundationVision/VAR)")
         ref_var = build_reference(args.reference_checkout, var, vae)
     batch_sizes = args.batch_sizes
+    # the proxy classifier and its real reference are checked and loaded before anything is timed
+    quality = (ProxyQuality(args.proxy_classifier, args.proxy_data, args.quality_images, max(batch_sizes), args.seed,
+                            device) if args.proxy_classifier else None)
     sampling = dict(cfg=args.cfg, top_k=args.top_k, top_p=args.top_p)
     dtype = torch.bfloat16 if any(s.engine.get("precision") == "bf16" for s in specs) else torch.float32
     meta = {"protocol": 2, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": str(device),
@@ -199,17 +202,16 @@ def run(args) -> dict:
         if "transformer" in r:
             r["transformer"]["fraction_of_matmul_peak"] = r["transformer"]["achieved_flops_per_s"] / meta["matmul_peak_flops"]
     result = {"meta": meta, "rows": rows, "checks": checks}
-    if args.proxy_classifier:
-        paired = add_proxy_quality(args, specs, var, vae, extras, sampling, rows, max(batch_sizes))
+    if quality is not None:
+        paired = add_proxy_quality(args, quality, specs, var, vae, extras, sampling, rows, max(batch_sizes))
         if paired:
             result["paired_fd"] = paired
     return result
 
 
-def add_proxy_quality(args, specs, var, vae, extras, sampling, rows, batch) -> list[dict]:
+def add_proxy_quality(args, quality: ProxyQuality, specs, var, vae, extras, sampling, rows, batch) -> list[dict]:
     """Proxy scores into the rows of the largest batch; returns the --paired-fd comparisons."""
     device = var.class_emb.weight.device
-    quality = ProxyQuality(args.proxy_classifier, args.proxy_data, args.quality_images, batch, args.seed, device)
     baseline, features = None, {}
     for s in sorted(specs, key=lambda s: s.label != args.baseline):  # the baseline first: the others compare with it
         if s.name == "reference":

@@ -19,6 +19,7 @@ were fine-tuned for); the proxy classifier defaults to the one trained on the fo
 """
 from __future__ import annotations
 
+import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -145,4 +146,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    sys.exit(run_cli(main))

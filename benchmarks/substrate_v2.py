@@ -17,6 +17,7 @@ is the student distilled from the drafter; ScaleKV uses the drafter's calibratio
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -211,4 +212,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    sys.exit(run_cli(main))

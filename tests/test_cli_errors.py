@@ -28,6 +28,8 @@ MISSING_FILE = [
     (PY + ["-m", "samplers.scalekv.calibration", "--var", f"{NO}.safetensors", "--tokenizer", f"{NO}.safetensors",
            "--out", f"{NO}.json"], f"{NO}.safetensors"),
     (PY + ["-m", "samplers.dd.data", "--config", f"{NO}.toml"], f"{NO}.toml"),
+    (PY + ["-m", "samplers.dd.heldout", "--data", NO, "--val-samples", "8", "--tokenizer", f"{NO}.safetensors",
+           "--student", f"a={NO}.safetensors"], NO),
 ]
 # a prefix of a real flag: with argparse's default prefix matching it would be accepted silently
 ABBREVIATED = [
@@ -55,6 +57,8 @@ BAD_INPUT = [
     (PY + ["-m", "eval.fid", "--samples", f"{NO}.npz", "--proxy-classifier", f"{NO}.safetensors", "--out",
            "README.md/metrics.json"], "README.md is not a writable folder"),
     (PY + ["-m", "benchmarks.benchmark", "--cfg", "inf"], "--cfg"),
+    (PY + ["-m", "benchmarks.substrate_v2", "--proxy-classifier", f"{NO}.safetensors"], f"{NO}.safetensors"),
+    (PY + ["-m", "benchmarks.code_finetuned", "--proxy-classifier", f"{NO}.safetensors"], f"{NO}.safetensors"),
     (PY + ["train.py", "var", "--config", "configs/fmnist_var_drafter.toml", "--set", "train.steps.x=3"],
      "train.steps is a value, not a table"),
 ]

@@ -12,6 +12,7 @@ Every student must have been distilled from the teacher that made the dataset (c
 """
 from __future__ import annotations
 
+import sys
 from datetime import datetime, timezone
 
 import torch
@@ -89,4 +90,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    sys.exit(run_cli(main))
