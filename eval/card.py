@@ -16,7 +16,7 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
-from eval.fid import build_parser, run
+from eval.fid import build_parser, check_writable_file, run
 from eval.proxy import write_json_atomic
 from training.atomic import atomic_write_text
 
@@ -130,11 +130,17 @@ def main(argv: list[str] | None = None) -> int:
     record = None
     if args.sample_record:
         record = json.loads(Path(args.sample_record).read_text())
+    if args.out and not args.metrics:
+        check_writable_file(Path(args.out))  # before the features are computed
     report = json.loads(Path(args.metrics).read_text()) if args.metrics else run(args)
     samples = Path(args.samples)
     card = Path(args.card) if args.card else samples.parent / f"{samples.stem if samples.is_file() else samples.name}_eval_card"
     json_path, md_path = write_card(record, report, card)
-    print(f"wrote {json_path} and {md_path}")
+    written = [json_path, md_path]
+    if args.out and not args.metrics:  # the metrics themselves, as `python -m eval.fid --out` writes them
+        write_json_atomic(args.out, report)
+        written.append(args.out)
+    print(f"wrote {', '.join(map(str, written))}")
     return 0
 
 

@@ -161,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("nothing to compute: pass --inception PATH (with --ref) and/or --proxy-classifier PATH")
     if args.inception and not args.ref:
         parser.error("--inception needs --ref (reference statistics or an ADM reference batch)")
+    if getattr(args, "ref_stats_from_file", False) and not args.inception:
+        parser.error("--ref-stats-from-file applies to the Inception reference: use it with --inception and --ref")
     out = Path(args.out) if args.out else default_out(args.samples)
     check_writable_file(out)  # before the features are computed
     try:

@@ -93,7 +93,7 @@ def gumbel_soft_codes(logits_BlV: torch.Tensor, ratio: float, codebook_VC: torch
 
 
 # Guidance beyond this has no use, and a large enough cfg overflows the guided logits to inf (a NaN law)
-MAX_CFG = 1e4
+MAX_CFG = 10_000
 
 
 def check_sampling_args(cfg: float, top_k: int, top_p: float, temperature, vocab_size: int, num_scales: int) -> None:

@@ -52,6 +52,8 @@ BAD_INPUT = [
     (PY + ["train.py", "var", "--config", "configs/fmnist_var_drafter.toml", "--set", "trainsteps=3"], "--set"),
     (PY + ["train.py", "var", "--config", "configs/fmnist_var_drafter.toml", "--set", "train.stepz=3"], "stepz"),
     (PY + ["-m", "eval.fid", "--samples", f"{NO}.npz"], "--proxy-classifier"),
+    (PY + ["-m", "eval.fid", "--samples", f"{NO}.npz", "--proxy-classifier", "x", "--ref-stats-from-file"],
+     "--ref-stats-from-file applies to the Inception reference"),
     (PY + ["-m", "benchmarks.benchmark", "--repeats", "0"], "--repeats"),
     (PY + ["-m", "benchmarks.benchmark", "--batch-sizes", "0"], "--batch-sizes"),
     (PY + ["-m", "eval.fid", "--samples", f"{NO}.npz", "--proxy-classifier", f"{NO}.safetensors", "--out",

@@ -139,6 +139,12 @@ def test_proxy_cli_end_to_end(tmp_path):
                "--sample-record", str(tmp_path / "record.json"), "--card", str(tmp_path / "card")])
     md = (tmp_path / "card.md").read_text()
     assert "| cfg | 1.5 |" in md and "proxy FD" in md and "not FID" in md and "| FID |" not in md
+    # evaluating afresh, --out also writes the metrics JSON (the same numbers eval.fid wrote)
+    card.main(["--samples", str(tmp_path / "fake.npz"), "--proxy-classifier", str(clf), "--proxy-ref",
+               str(tmp_path / "ref.npz"), "--device", "cpu", "--kid-subsets", "5", "--card", str(tmp_path / "card2"),
+               "--out", str(tmp_path / "m2.json")])
+    again = json.loads((tmp_path / "m2.json").read_text())["proxy"]["metrics"]
+    assert again["proxy_fd"] == pytest.approx(m["proxy_fd"]) and (tmp_path / "card2.json").is_file()
 
 
 @pytest.mark.slow  # two 2048x2048 matrix square roots and a 100 MB weights file: ~1 min on 2 busy cores
