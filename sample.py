@@ -36,13 +36,13 @@ from PIL import Image
 
 from samplers import available_samplers, build_sampler, sampler_class
 from samplers.base import split_names
-from samplers.cli import (SHIPPED, cfg_float, check_file, check_output_folder, check_resume, class_list, clear_outputs,
+from samplers.cli import (SHIPPED, cfg_float, check_file, check_resume, class_list, clear_outputs,
                           drop_partial_last_line, load_models, models_for, nonneg_int, parse_model_specs,
                           parse_sampler_args, parse_var_overrides, positive_int, read_stats, temperature_list,
                           unit_float, write_fingerprint)
 from samplers.logits_processing import check_sampling_args
 from samplers.seeding import image_seed
-from training.atomic import atomic_write, atomic_write_json, file_sha256
+from training.atomic import atomic_write, atomic_write_json, check_writable, file_sha256
 from training.checkpoint import read_metadata
 from training.errors import make_parser, run_cli
 from training.images import to_rgb_uint8
@@ -150,7 +150,7 @@ def validate(args) -> tuple[type, dict, dict[str, str], dict[str, str], dict]:
             check_input_file(getattr(args, flag), "--" + flag.replace("_", "-"))
     if args.precision == "bf16" and not torch.cuda.is_available():
         raise ValueError("--precision bf16 needs a CUDA GPU; on CPU use --precision fp32 or leave it out")
-    check_output_folder(Path(args.out))
+    check_writable(Path(args.out), "--out", folder=True)
     return sampler_cls, sampler_args, local, extra_paths, var_overrides
 
 

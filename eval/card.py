@@ -16,9 +16,9 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
-from eval.fid import build_parser, check_writable_file, run
+from eval.fid import build_parser, run
 from eval.proxy import write_json_atomic
-from training.atomic import atomic_write_text
+from training.atomic import atomic_write_text, check_writable
 
 METRIC_LABELS = {
     "fid": "FID", "sfid": "sFID", "is": "Inception Score", "is_std": "IS std", "precision": "Precision (k=3)",
@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.sample_record:
         record = json.loads(Path(args.sample_record).read_text())
     if args.out and not args.metrics:
-        check_writable_file(Path(args.out))  # before the features are computed
+        check_writable(Path(args.out), "--out", folder=False)  # before the features are computed
     report = json.loads(Path(args.metrics).read_text()) if args.metrics else run(args)
     samples = Path(args.samples)
     card = Path(args.card) if args.card else samples.parent / f"{samples.stem if samples.is_file() else samples.name}_eval_card"

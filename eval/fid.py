@@ -13,7 +13,6 @@ and writes them as JSON (--out, default next to the samples).
 from __future__ import annotations
 
 import argparse
-import os
 import platform
 import sys
 import time
@@ -28,6 +27,7 @@ from eval.harness import (FIDModeError, default_fid_mode, evaluate, fashion_mnis
                           pick_device)
 from eval.resize import FID_MODES
 from eval.proxy import write_json_atomic
+from training.atomic import check_writable
 
 DEFAULT_FMNIST = "/usr/share/datasets/fashion-mnist"
 
@@ -128,15 +128,6 @@ def default_out(samples: str | Path) -> Path:
     return samples.parent / f"{samples.stem if samples.is_file() else samples.name}_metrics.json"
 
 
-def check_writable_file(out: Path) -> None:
-    """`out` can be written: not a folder, and its nearest existing parent a writable folder."""
-    if out.is_dir():
-        raise ValueError(f"--out {out} is a folder; give a .json file path")
-    existing = next(p for p in out.parents if p.exists())
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise ValueError(f"--out {out}: {existing} is not a writable folder; choose another --out")
-
-
 def format_metrics(report: dict) -> str:
     lines = []
     for part in ("inception", "proxy"):
@@ -164,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "ref_stats_from_file", False) and not args.inception:
         parser.error("--ref-stats-from-file applies to the Inception reference: use it with --inception and --ref")
     out = Path(args.out) if args.out else default_out(args.samples)
-    check_writable_file(out)  # before the features are computed
+    check_writable(out, "--out", folder=False)  # before the features are computed
     try:
         report = run(args)
     except FIDModeError as err:

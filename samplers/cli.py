@@ -6,7 +6,6 @@ import argparse
 import dataclasses
 import json
 import math
-import os
 import tomllib
 import warnings
 from pathlib import Path
@@ -215,15 +214,6 @@ def fingerprint_differences(stored: dict, current: dict) -> list[str]:
     a, b = _flatten(stored), _flatten(current)
     return [f"{_flag(k)} ({_short(a.get(k))} then, {_short(b.get(k))} now)" for k in sorted(set(a) | set(b))
             if a.get(k) != b.get(k)]
-
-
-def check_output_folder(out: Path) -> None:
-    """--out must be a folder this process can create or write into (checked before anything is written)."""
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is a file; give a folder (it is created if missing)")
-    existing = next(p for p in (out, *out.parents) if p.exists())
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise ValueError(f"--out {out}: {existing} is not a writable folder; choose another --out")
 
 
 def drop_partial_last_line(path: Path) -> None:

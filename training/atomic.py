@@ -1,6 +1,7 @@
 """File helpers. Atomic writes: write to a temp file in the target folder, then rename over the target, so
 an interrupted run never leaves a truncated file behind (the old file or the new one, nothing else).
-Content hashes: tie results to the exact weights they were computed with."""
+Content hashes: tie results to the exact weights they were computed with. Output checks: refuse a path that
+cannot be written before any work is done."""
 from __future__ import annotations
 
 import hashlib
@@ -53,3 +54,15 @@ def file_sha256(path: str | Path) -> str:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def check_writable(path: Path, flag: str, folder: bool) -> None:
+    """`path` (given as `flag`) can be written: a folder (folder=True) or a file, not the other kind, whose
+    nearest existing ancestor (itself, for a folder) is a folder this process may write into. Missing folders
+    are fine: the writers create them."""
+    if path.exists() and path.is_dir() != folder:
+        what = "a file; give a folder (it is created if missing)" if folder else "a folder; give a file path"
+        raise ValueError(f"{flag} {path} is {what}")
+    existing = next(p for p in ((path,) if folder else ()) + tuple(path.parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {path}: {existing} is not a writable folder; choose another {flag}")
